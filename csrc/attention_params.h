@@ -1,0 +1,129 @@
+// The only thing a kernel knows about a call: plain pointers, element strides, sizes and flags.
+// Torch-free on purpose: CPU and CUDA kernels include this and nothing from torch, so nvcc can
+// compile every kernel without a CUDA build of torch and the kernels read on their own.
+#pragma once
+
+#include <cstdint>
+
+namespace flashattn {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// attn_mask element type. A bool mask marks keys that take part; a float mask is added to the
+// scaled scores. SDPA accepts bool, float32 or the query's dtype.
+enum class MaskKind : int32_t { kNone = 0, kBool = 1, kFloat32 = 2, kFloat64 = 3, kFloat16 = 4, kBFloat16 = 5 };
+
+// Tensors are (batch, heads, rows, cols) with the last dim contiguous; strides are in elements.
+// Head h of Q reads K/V head h / (num_heads / num_heads_k) (GQA/MQA, never copied per query head).
+struct AttentionParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;  // (batch, num_heads, seqlen_q) contiguous, natural log, -inf for empty rows
+
+  int64_t q_batch_stride = 0, q_head_stride = 0, q_row_stride = 0;
+  int64_t k_batch_stride = 0, k_head_stride = 0, k_row_stride = 0;
+  int64_t v_batch_stride = 0, v_head_stride = 0, v_row_stride = 0;
+  int64_t o_batch_stride = 0, o_head_stride = 0, o_row_stride = 0;
+
+  int64_t batch = 0, num_heads = 0, num_heads_k = 0;
+  int64_t seqlen_q = 0, seqlen_k = 0;
+  int64_t headdim = 0, headdim_v = 0;
+  DType dtype = DType::kFloat32;
+
+  float softmax_scale = 1.f;
+  float softcap = 0.f;  // > 0: score = softcap * tanh(score / softcap), applied after the scale
+
+  // Band of visible keys: query i sees key j iff
+  //   i + diag - window_left <= j <= i + diag + window_right,  diag = bottom_right ? seqlen_k - seqlen_q : 0.
+  // A negative side is unbounded. Causal is (-1, 0); SDPA aligns it top-left, flash-attn bottom-right.
+  int64_t window_left = -1, window_right = -1;
+  bool bottom_right = false;
+
+  // attn_mask, broadcast through zero strides. The flattened batch index b splits into
+  // (b / mask_batch_inner, b % mask_batch_inner) so leading dims that cannot be merged stay views.
+  const void* mask = nullptr;
+  MaskKind mask_kind = MaskKind::kNone;
+  int64_t mask_batch_inner = 1;
+  int64_t mask_batch_outer_stride = 0, mask_batch_stride = 0, mask_head_stride = 0;
+  int64_t mask_row_stride = 0, mask_col_stride = 0;
+
+  // ALiBi: score(i, j) += -slope(b, h) * |i + seqlen_k - seqlen_q - j| (flash-attn convention).
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;
+
+  // Dropout: keep probability 1 - dropout_p; the keep mask of element (b, h, i, j) is a pure
+  // function of (seed, offset, b, h, i, j) (Philox4x32-10, see philox.h), so the backward
+  // regenerates it. On CUDA under graph capture the seed and offset are read through the pointers.
+  float dropout_p = 0.f;
+  uint64_t philox_seed = 0, philox_offset = 0;
+  const int64_t* philox_seed_ptr = nullptr;    // CUDA graph capture only
+  const int64_t* philox_offset_ptr = nullptr;  // CUDA graph capture only
+  uint64_t philox_offset_intragraph = 0;
+  int64_t* rng_state = nullptr;  // kernels that resolve the pointers above write (seed, offset) here
+
+  // Block-sparse attention: block (b, h, i / block_sparse_m, j / block_sparse_n) takes part only
+  // if its byte is non-zero. Inside a kept block the attn_mask (if any) still applies.
+  const uint8_t* block_mask = nullptr;
+  int64_t block_sparse_m = 128, block_sparse_n = 128;
+  int64_t block_mask_batch_stride = 0, block_mask_head_stride = 0;
+  int64_t block_mask_row_stride = 0, block_mask_col_stride = 0;
+  // Optional per-block "full" flags (same layout as block_mask): a full block needs no element mask.
+  const uint8_t* block_full = nullptr;
+};
+
+struct AttentionGradParams : AttentionParams {
+  const void* dout = nullptr;
+  int64_t do_batch_stride = 0, do_head_stride = 0, do_row_stride = 0;
+
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  int64_t dq_batch_stride = 0, dq_head_stride = 0, dq_row_stride = 0;
+  int64_t dk_batch_stride = 0, dk_head_stride = 0, dk_row_stride = 0;
+  int64_t dv_batch_stride = 0, dv_head_stride = 0, dv_row_stride = 0;
+
+  // Workspace the op layer allocates. delta = rowsum(dO * O), (batch, num_heads, seqlen_q) fp32.
+  float* delta = nullptr;
+  // fp32 accumulator for dQ where a backend needs one (layout is the backend's, size given by it).
+  float* dq_accum = nullptr;
+  int32_t* dq_semaphore = nullptr;  // CUDA deterministic mode
+  bool deterministic = false;
+
+  // Gradient of a float attn_mask, fp32, in the mask's own (unexpanded) shape and strides:
+  // contributions of broadcast elements are summed into the one element they read.
+  float* dmask = nullptr;
+  int64_t dmask_batch_stride = 0, dmask_head_stride = 0, dmask_row_stride = 0, dmask_col_stride = 0;
+  int64_t dmask_batch_inner = 1, dmask_batch_outer_stride = 0;
+};
+
+// Cheap inline helpers shared by every backend.
+#if defined(__CUDACC__)
+#define FLASHATTN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FLASHATTN_HOST_DEVICE inline
+#endif
+
+// Offset of the mask element (b, h, i, 0) in elements.
+FLASHATTN_HOST_DEVICE int64_t mask_row_offset(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
+  return (b / p.mask_batch_inner) * p.mask_batch_outer_stride + (b % p.mask_batch_inner) * p.mask_batch_stride +
+         h * p.mask_head_stride + i * p.mask_row_stride;
+}
+
+// First and one-past-last visible key of query row i under the band (ignoring masks).
+FLASHATTN_HOST_DEVICE int64_t band_diag(const AttentionParams& p) {
+  return p.bottom_right ? p.seqlen_k - p.seqlen_q : 0;
+}
+FLASHATTN_HOST_DEVICE int64_t band_key_begin(const AttentionParams& p, int64_t i) {
+  if (p.window_left < 0) return 0;
+  const int64_t b = i + band_diag(p) - p.window_left;
+  return b < 0 ? 0 : (b > p.seqlen_k ? p.seqlen_k : b);
+}
+FLASHATTN_HOST_DEVICE int64_t band_key_end(const AttentionParams& p, int64_t i) {
+  if (p.window_right < 0) return p.seqlen_k;
+  const int64_t e = i + band_diag(p) + p.window_right + 1;
+  return e > p.seqlen_k ? p.seqlen_k : (e < 0 ? 0 : e);
+}
+
+}  // namespace flashattn
