@@ -32,8 +32,9 @@ struct AttentionParams {
   int64_t headdim = 0, headdim_v = 0;
   DType dtype = DType::kFloat32;
 
-  float softmax_scale = 1.f;
-  float softcap = 0.f;  // > 0: score = softcap * tanh(score / softcap), applied after the scale
+  // Doubles so fp64 inputs keep full precision; fp16/bf16/fp32 kernels convert once to float.
+  double softmax_scale = 1.0;
+  double softcap = 0.0;  // > 0: score = softcap * tanh(score / softcap), applied after the scale
 
   // Band of visible keys: query i sees key j iff
   //   i + diag - window_left <= j <= i + diag + window_right,  diag = bottom_right ? seqlen_k - seqlen_q : 0.
@@ -56,7 +57,7 @@ struct AttentionParams {
   // Dropout: keep probability 1 - dropout_p; the keep mask of element (b, h, i, j) is a pure
   // function of (seed, offset, b, h, i, j) (Philox4x32-10, see philox.h), so the backward
   // regenerates it. On CUDA under graph capture the seed and offset are read through the pointers.
-  float dropout_p = 0.f;
+  double dropout_p = 0.0;
   uint64_t philox_seed = 0, philox_offset = 0;
   const int64_t* philox_seed_ptr = nullptr;    // CUDA graph capture only
   const int64_t* philox_offset_ptr = nullptr;  // CUDA graph capture only

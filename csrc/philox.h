@@ -53,8 +53,8 @@ FLASHATTN_HOST_DEVICE uint32_t dropout_keep_bits(uint64_t seed, uint64_t offset,
 }
 
 // P(keep) = keep_threshold / 2^32 = 1 - dropout_p (to 2^-32).
-FLASHATTN_HOST_DEVICE uint32_t dropout_keep_threshold(float dropout_p) {
-  const double keep = (1.0 - static_cast<double>(dropout_p)) * 4294967296.0;
+FLASHATTN_HOST_DEVICE uint32_t dropout_keep_threshold(double dropout_p) {
+  const double keep = (1.0 - dropout_p) * 4294967296.0;
   return keep >= 4294967295.0 ? 0xFFFFFFFFu : (keep <= 0.0 ? 0u : static_cast<uint32_t>(keep));
 }
 
