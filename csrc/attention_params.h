@@ -21,6 +21,7 @@ struct AttentionParams {
   const void* v = nullptr;
   void* out = nullptr;
   float* lse = nullptr;  // (batch, num_heads, seqlen_q) contiguous, natural log, -inf for empty rows
+  double* lse64 = nullptr;  // the same in double, used instead of lse by CPU fp64 (full-precision gradients)
 
   int64_t q_batch_stride = 0, q_head_stride = 0, q_row_stride = 0;
   int64_t k_batch_stride = 0, k_head_stride = 0, k_row_stride = 0;

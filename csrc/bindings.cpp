@@ -1,0 +1,50 @@
+// pybind11 module flashattn_ext._C: loading it registers the dispatcher ops (flashattn_ext::fwd,
+// bwd, dropout_mask); it also exposes what the build contains and a test switch.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "cpu/blas.h"
+#include "ops.h"
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  pybind11::list devices;
+  devices.append("cpu");
+  info["torch_version"] = TORCH_VERSION;
+#if defined(CPU_CAPABILITY_AVX512)
+  info["cpu_capability"] = "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  info["cpu_capability"] = "AVX2";
+#else
+  info["cpu_capability"] = "DEFAULT";
+#endif
+  info["cpu_dtypes"] = std::vector<std::string>{"float32", "float64", "float16", "bfloat16"};
+  info["cpu_gemm"] = std::string(flashattn::cpu::have_brgemm_f32() ? "onednn-brgemm" : "aten-mm") +
+                     (flashattn::cpu::have_brgemm_bf16_vnni() ? "+bf16-vnni" : "");
+  info["features"] = std::vector<std::string>{"causal", "window", "attn_mask", "mask_grad", "dropout", "gqa",
+                                              "alibi", "softcap", "block_sparse", "headdim_v"};
+#ifdef FLASHATTN_WITH_CUDA
+  devices.append("cuda");
+  info["cuda"] = true;
+  info["cuda_archs"] = flashattn::cuda_build_archs();
+  info["cuda_headdims"] = flashattn::cuda_build_headdims();
+  info["cuda_dtypes"] = flashattn::cuda_build_dtypes();
+#else
+  info["cuda"] = false;
+#endif
+  info["devices"] = devices;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "flashattn_ext compiled core: dispatcher ops flashattn_ext::fwd / bwd / dropout_mask";
+  m.def("build_info", &build_info, "What this build contains: devices, dtypes, features, CUDA archs.");
+  m.def("set_poison_outputs", &flashattn::set_poison_outputs,
+        "Testing: fill every output buffer with NaN before the kernels write it.");
+  m.def("poison_outputs", &flashattn::poison_outputs);
+}

@@ -1,0 +1,147 @@
+// From q·k products to softmax scores, one row of one tile at a time, and the dropout keep mask.
+// Forward and backward call the same code, so the backward recomputes exactly the forward's P.
+//
+// score(i, j) = mod(q_i · k_j · scale) + alibi(i, j) + mask(i, j), where mod is the softcap
+// (cap · tanh(x / cap)) when set; keys outside the band, a false bool mask or a −inf float mask
+// give −inf. Natural-log units.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "attention_params.h"
+#include "philox.h"
+
+namespace flashattn::cpu {
+
+using at::vec::Vectorized;
+
+template <typename T>
+inline Vectorized<T> vexp(const Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>)
+    return x.exp_u20();  // |rel err| < 2e-6 (checked in tests against fp64); -inf -> 0
+  else
+    return x.exp();
+}
+
+// What a (query rows × key columns) tile needs besides scaling.
+struct TileShape {
+  int64_t row0, rows, col0, cols;
+};
+
+// Per (batch, head) facts that every row of a task reuses.
+struct HeadContext {
+  int64_t b = 0, h = 0;
+  double alibi_slope = 0.0;
+  uint64_t bh = 0;  // b * num_heads + h, the dropout stream's head index
+};
+
+inline HeadContext head_context(const AttentionParams& p, int64_t b, int64_t h) {
+  HeadContext c;
+  c.b = b;
+  c.h = h;
+  c.bh = static_cast<uint64_t>(b * p.num_heads + h);
+  if (p.alibi_slopes) c.alibi_slope = p.alibi_slopes[b * p.alibi_batch_stride + h];
+  return c;
+}
+
+// Does any element of the tile need masking by the band?
+inline bool band_cuts_tile(const AttentionParams& p, const TileShape& t) {
+  const int64_t last_row = t.row0 + t.rows - 1;
+  return band_key_begin(p, last_row) > t.col0 || band_key_end(p, t.row0) < t.col0 + t.cols;
+}
+
+// True when no element of the tile can be visible under the band alone.
+inline bool band_excludes_tile(const AttentionParams& p, const TileShape& t) {
+  const int64_t last_row = t.row0 + t.rows - 1;
+  // Rows' visible ranges move right monotonically with the row index.
+  return band_key_end(p, last_row) <= t.col0 || band_key_begin(p, t.row0) >= t.col0 + t.cols;
+}
+
+template <typename acc_t, typename mask_t>
+inline void add_float_mask(acc_t* s, int64_t n, const mask_t* m, int64_t col_stride) {
+  for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(m[j * col_stride]);
+}
+
+// Turns the raw products s[0 .. cols) of query row i into scores (see the file comment).
+// With a softcap, softcap_grad (if given) receives d score / d (q·k·scale) = 1 - tanh².
+template <typename acc_t>
+inline void make_score_row(const AttentionParams& p, const HeadContext& hc, int64_t i, const TileShape& t,
+                           bool band_cuts, acc_t* s, acc_t* softcap_grad = nullptr) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t n = t.cols;
+  const acc_t scale = static_cast<acc_t>(p.softmax_scale);
+  int64_t j = 0;
+  if (p.softcap > 0) {
+    const acc_t cap = static_cast<acc_t>(p.softcap);
+    const Vec v_in(scale / cap), v_cap(cap), v_one(acc_t(1));
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      const Vec th = (Vec::loadu(s + j) * v_in).tanh();
+      (v_cap * th).store(s + j);
+      if (softcap_grad) (v_one - th * th).store(softcap_grad + j);
+    }
+    for (; j < n; ++j) {
+      const acc_t th = std::tanh(s[j] * scale / cap);
+      s[j] = cap * th;
+      if (softcap_grad) softcap_grad[j] = acc_t(1) - th * th;
+    }
+  } else {
+    const Vec v_scale(scale);
+    for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(s + j) * v_scale).store(s + j);
+    for (; j < n; ++j) s[j] *= scale;
+  }
+  if (p.alibi_slopes) {
+    const acc_t slope = static_cast<acc_t>(hc.alibi_slope);
+    const int64_t diag = i + p.seqlen_k - p.seqlen_q;
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const int64_t d = diag - (t.col0 + jj);
+      s[jj] -= slope * static_cast<acc_t>(d < 0 ? -d : d);
+    }
+  }
+  if (p.mask) {
+    const int64_t off = mask_row_offset(p, hc.b, hc.h, i) + t.col0 * p.mask_col_stride;
+    const int64_t cs = p.mask_col_stride;
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    switch (p.mask_kind) {
+      case MaskKind::kBool: {
+        const bool* m = static_cast<const bool*>(p.mask) + off;
+        for (int64_t jj = 0; jj < n; ++jj)
+          if (!m[jj * cs]) s[jj] = kNegInf;
+        break;
+      }
+      case MaskKind::kFloat32: add_float_mask(s, n, static_cast<const float*>(p.mask) + off, cs); break;
+      case MaskKind::kFloat64: add_float_mask(s, n, static_cast<const double*>(p.mask) + off, cs); break;
+      case MaskKind::kFloat16: add_float_mask(s, n, static_cast<const c10::Half*>(p.mask) + off, cs); break;
+      case MaskKind::kBFloat16: add_float_mask(s, n, static_cast<const c10::BFloat16*>(p.mask) + off, cs); break;
+      case MaskKind::kNone: break;
+    }
+  }
+  if (band_cuts) {
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    const int64_t lo = band_key_begin(p, i) - t.col0, hi = band_key_end(p, i) - t.col0;
+    for (int64_t jj = 0; jj < n; ++jj)
+      if (jj < lo || jj >= hi) s[jj] = kNegInf;
+  }
+}
+
+// Multiplies p[0 .. cols) of query row i by the dropout keep mask / (1 - dropout_p).
+template <typename acc_t>
+inline void apply_dropout_row(const AttentionParams& p, const HeadContext& hc, int64_t i, const TileShape& t,
+                              uint32_t keep_threshold, acc_t keep_scale, acc_t* row) {
+  const int64_t j_end = t.col0 + t.cols;
+  for (int64_t j4 = t.col0 & ~int64_t(3); j4 < j_end; j4 += 4) {
+    const uint32_t bits = dropout_keep_bits(p.philox_seed, p.philox_offset, hc.bh, i, j4, keep_threshold);
+    for (int64_t u = 0; u < 4; ++u) {
+      const int64_t j = j4 + u;
+      if (j < t.col0 || j >= j_end) continue;
+      row[j - t.col0] = ((bits >> u) & 1u) ? row[j - t.col0] * keep_scale : acc_t(0);
+    }
+  }
+}
+
+}  // namespace flashattn::cpu

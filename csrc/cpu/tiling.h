@@ -1,0 +1,137 @@
+// Tile sizes and tile ranges of the CPU kernels.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "attention_params.h"
+#include "cpu/matmul_policy.h"
+#include "cpu/scores.h"
+
+namespace flashattn::cpu {
+
+struct Tiling {
+  int64_t block_m = 0, block_n = 0;
+  int64_t num_m_blocks = 0, num_n_blocks = 0;
+  int64_t num_chunks = 1;  // backward: key blocks split into this many chunks per (batch, kv head)
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline c10::ScalarType to_scalar_type(DType d) {
+  switch (d) {
+    case DType::kFloat64: return c10::kDouble;
+    case DType::kFloat16: return c10::kHalf;
+    case DType::kBFloat16: return c10::kBFloat16;
+    case DType::kFloat32: break;
+  }
+  return c10::kFloat;
+}
+
+// Per-worker tiles stay near the L2 cache: about 64K elements per row panel.
+inline int64_t cap_for_headdim(const AttentionParams& p, int64_t preferred) {
+  const int64_t widest = std::max<int64_t>({p.headdim, p.headdim_v, 1});
+  return std::max<int64_t>(16, std::min<int64_t>(preferred, 65536 / widest));
+}
+
+// Block-sparse attention fixes the tile to the sparsity block so a tile is one block.
+inline bool tiles_follow_block_mask(const AttentionParams& p) { return p.block_mask != nullptr; }
+
+// Forward: query blocks as large as keep >= 4 tasks per thread (fewer, larger tiles amortize the
+// packing of each K/V tile over more query rows).
+inline Tiling forward_tiling(const AttentionParams& p, int threads) {
+  Tiling t;
+  if (tiles_follow_block_mask(p)) {
+    t.block_m = p.block_sparse_m;
+    t.block_n = p.block_sparse_n;
+  } else {
+    t.block_n = std::min<int64_t>(cap_for_headdim(p, 256), std::max<int64_t>(p.seqlen_k, 1));
+    const int64_t heads = p.batch * p.num_heads;
+    t.block_m = 16;
+    for (int64_t bm : {256, 128, 64, 32}) {
+      if (bm > cap_for_headdim(p, 256)) continue;
+      if (heads * ceil_div(p.seqlen_q, bm) >= 4 * threads) {
+        t.block_m = bm;
+        break;
+      }
+    }
+    t.block_m = std::min<int64_t>(t.block_m, std::max<int64_t>(p.seqlen_q, 1));
+  }
+  t.num_m_blocks = ceil_div(p.seqlen_q, t.block_m);
+  t.num_n_blocks = ceil_div(p.seqlen_k, t.block_n);
+  return t;
+}
+
+// Backward: tasks are (batch, kv head, chunk of key blocks); chunks only as many as the threads
+// need, since each extra chunk costs a dQ-sized fp32 partial sum.
+inline Tiling backward_tiling(const AttentionParams& p, int threads) {
+  Tiling t;
+  if (tiles_follow_block_mask(p)) {
+    t.block_m = p.block_sparse_m;
+    t.block_n = p.block_sparse_n;
+  } else {
+    t.block_m = std::min<int64_t>(cap_for_headdim(p, 64), std::max<int64_t>(p.seqlen_q, 1));
+    t.block_n = std::min<int64_t>(cap_for_headdim(p, 128), std::max<int64_t>(p.seqlen_k, 1));
+  }
+  t.num_m_blocks = ceil_div(p.seqlen_q, t.block_m);
+  t.num_n_blocks = ceil_div(p.seqlen_k, t.block_n);
+  const int64_t kv_heads = p.batch * p.num_heads_k;
+  t.num_chunks = std::clamp<int64_t>(ceil_div(4 * threads, std::max<int64_t>(kv_heads, 1)), 1,
+                                     std::max<int64_t>(t.num_n_blocks, 1));
+  return t;
+}
+
+// Key tiles (aligned to block_n) that the band lets rows [row0, row0 + rows) see: [begin, end).
+inline std::pair<int64_t, int64_t> visible_key_range(const AttentionParams& p, int64_t row0, int64_t rows,
+                                                     int64_t block_n) {
+  const int64_t lo = band_key_begin(p, row0), hi = band_key_end(p, row0 + rows - 1);
+  if (lo >= hi) return {0, 0};
+  return {lo / block_n * block_n, hi};
+}
+
+// Query rows [begin, end) that the band lets see some key in [col0, col0 + cols).
+inline std::pair<int64_t, int64_t> visible_query_range(const AttentionParams& p, int64_t col0, int64_t cols) {
+  const int64_t diag = band_diag(p);
+  // Visible iff  i + diag - wl <= j <= i + diag + wr,  i.e.  j - diag - wr <= i <= j - diag + wl.
+  int64_t begin = p.window_right < 0 ? 0 : col0 - diag - p.window_right;
+  int64_t end = p.window_left < 0 ? p.seqlen_q : col0 + cols - 1 - diag + p.window_left + 1;
+  begin = std::clamp<int64_t>(begin, 0, p.seqlen_q);
+  end = std::clamp<int64_t>(end, 0, p.seqlen_q);
+  return {begin, std::max(begin, end)};
+}
+
+// False when the tile provably contributes nothing (outside the band, or an empty sparse block).
+inline bool tile_visible(const AttentionParams& p, const HeadContext& hc, const TileShape& t) {
+  if (band_excludes_tile(p, t)) return false;
+  if (p.block_mask) {
+    const uint8_t* bm = p.block_mask + hc.b * p.block_mask_batch_stride + hc.h * p.block_mask_head_stride +
+                        (t.row0 / p.block_sparse_m) * p.block_mask_row_stride +
+                        (t.col0 / p.block_sparse_n) * p.block_mask_col_stride;
+    if (!*bm) return false;
+  }
+  return true;
+}
+
+// lse in the accumulation type: double for fp64 inputs, float otherwise.
+template <typename acc_t>
+inline acc_t* lse_pointer(const AttentionParams& p) {
+  if constexpr (std::is_same_v<acc_t, double>)
+    return p.lse64;
+  else
+    return p.lse;
+}
+
+template <typename acc_t, typename scalar_t>
+inline void store_row(const acc_t* src, int64_t n, scalar_t* dst) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>)
+    std::memcpy(dst, src, n * sizeof(acc_t));
+  else
+    narrow_row(src, n, dst);
+}
+
+}  // namespace flashattn::cpu

@@ -1,0 +1,42 @@
+"""Fake (meta) kernels: shapes, dtypes and strides of the ops' outputs, so torch.compile traces
+calls without graph breaks. They mirror the allocation rules of csrc/ops.cpp exactly."""
+
+import torch
+
+
+def _out_like_query(q, headdim_v):
+    # csrc/ops.cpp allocate_out: O follows a (B, S, H, D)-laid query seen as (B, H, S, D).
+    if q.dim() == 4 and q.shape[1] > 1 and q.shape[2] > 1 and q.stride(1) < q.stride(2):
+        return q.new_empty((q.shape[0], q.shape[2], q.shape[1], headdim_v)).transpose(1, 2)
+    return q.new_empty((*q.shape[:-1], headdim_v))
+
+
+def _grad_like(x):
+    # csrc/ops.cpp allocate_grad
+    g = torch.empty_like(x)
+    if g.shape[-1] > 1 and g.stride(-1) != 1:
+        g = x.new_empty(x.shape)
+    return g
+
+
+@torch.library.register_fake("flashattn_ext::fwd")
+def _fwd_fake(q, k, v, attn_mask=None, alibi_slopes=None, block_mask=None, dropout_p=0.0, scale=None,
+              window_left=-1, window_right=-1, bottom_right=False, softcap=0.0, sparse_block_m=128,
+              sparse_block_n=128, deterministic=False):
+    out = _out_like_query(q, v.shape[-1])
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    rng_state = q.new_empty((2,), dtype=torch.int64)
+    return out, lse, rng_state
+
+
+@torch.library.register_fake("flashattn_ext::bwd")
+def _bwd_fake(grad_out, q, k, v, out, lse, rng_state, attn_mask=None, alibi_slopes=None, block_mask=None,
+              dropout_p=0.0, scale=None, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
+              sparse_block_m=128, sparse_block_n=128, deterministic=False, mask_grad=False):
+    dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty((0,))
+    return _grad_like(q), _grad_like(k), _grad_like(v), dmask
+
+
+@torch.library.register_fake("flashattn_ext::dropout_mask")
+def _dropout_mask_fake(q, k, rng_state, dropout_p):
+    return q.new_empty((*q.shape[:-1], k.shape[-2]), dtype=torch.bool)

@@ -1,0 +1,107 @@
+"""patch_sdpa(): route torch.nn.functional.scaled_dot_product_attention through flashattn_ext, so
+nn.MultiheadAttention, nn.TransformerEncoderLayer and third-party models use it unchanged."""
+
+import threading
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ._api import scaled_dot_product_attention as _ours
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_lock = threading.Lock()
+_warned = set()
+
+
+def _cuda_built():
+    from . import _C
+    return bool(_C.build_info()["cuda"])
+
+
+def unsupported_reason(query, key, value, attn_mask=None):
+    """Why flashattn_ext cannot take this SDPA call (None if it can). Input that SDPA itself
+    rejects is not 'unsupported': the extension raises its own error for it."""
+    tensors = [t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        if t.is_nested:
+            return "nested (jagged) tensors"
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return f"tensor subclass {type(t).__name__}"
+    device = query.device if isinstance(query, torch.Tensor) else None
+    if device is not None and device.type not in ("cpu", "cuda"):
+        return f"device {device.type}"
+    if device is not None and device.type == "cuda" and not _cuda_built():
+        return "this build of flashattn_ext has no CUDA kernels"
+    if isinstance(query, torch.Tensor) and query.dtype not in _DTYPES:
+        return f"dtype {query.dtype}"
+    if not torch.compiler.is_compiling() and isinstance(query, torch.Tensor) and \
+            torch._C._functorch.is_batchedtensor(query):
+        return "vmap (functorch batched tensors)"
+    return None
+
+
+class patch_sdpa:
+    """Routes torch.nn.functional.scaled_dot_product_attention through flashattn_ext.
+
+    Installed at construction; undone by .undo() or at the end of a `with` block:
+
+        with flashattn_ext.patch_sdpa():
+            loss = model(x).sum()
+        handle = flashattn_ext.patch_sdpa(); ...; handle.undo()
+
+    A call the extension cannot take (other devices, nested tensors, vmap, ...) goes to torch's
+    own SDPA with a one-time warning saying why. `calls` and `fallbacks` count what happened.
+    """
+
+    def __init__(self):
+        self.calls = 0
+        self.fallbacks = {}
+        self._original = F.scaled_dot_product_attention
+        self._active = True
+        patch = self
+
+        def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                         scale=None, enable_gqa=False):
+            why = unsupported_reason(query, key, value, attn_mask)
+            if why is None:
+                patch.calls += 1
+                return _ours(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                             scale=scale, enable_gqa=enable_gqa)
+            patch.fallbacks[why] = patch.fallbacks.get(why, 0) + 1
+            with _lock:
+                first = why not in _warned
+                _warned.add(why)
+            if first:
+                warnings.warn(f"flashattn_ext.patch_sdpa: falling back to torch's scaled_dot_product_attention "
+                              f"for {why}", stacklevel=2)
+            return patch._original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+        scaled_dot_product_attention.__doc__ = _ours.__doc__
+        scaled_dot_product_attention.__wrapped_by_flashattn_ext__ = True
+        self._patched = scaled_dot_product_attention
+        F.scaled_dot_product_attention = scaled_dot_product_attention
+
+    def undo(self):
+        """Restore torch's function (idempotent)."""
+        if self._active:
+            if F.scaled_dot_product_attention is self._patched:
+                F.scaled_dot_product_attention = self._original
+            else:
+                warnings.warn("flashattn_ext.patch_sdpa.undo: scaled_dot_product_attention was re-patched by "
+                              "someone else since; leaving it as it is")
+            self._active = False
+
+    restore = undo
+
+    @property
+    def active(self):
+        return self._active
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.undo()
+        return False

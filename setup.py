@@ -1,0 +1,127 @@
+"""Builds flashattn_ext._C with torch.utils.cpp_extension.
+
+    pip install --no-build-isolation -e .
+
+Environment:
+  FLASHATTN_BUILD_CUDA=auto|1|0   CUDA sources are compiled when torch has CUDA and nvcc is found
+                                  (auto); 1 forces them (fails without nvcc), 0 leaves them out.
+  FLASHATTN_CUDA_HEADDIMS=64,128  only these tensor-core head-dim buckets (development builds)
+  FLASHATTN_CUDA_DTYPES=bf16      only these tensor-core dtypes (fp16, bf16)
+  TORCH_CUDA_ARCH_LIST            target GPUs; default "8.0;9.0"
+  FLASHATTN_CPU_CAPABILITY        AVX512 | AVX2 | DEFAULT; default: what torch detects on the build
+                                  machine (the CPU kernels are compiled for it)
+  MAX_JOBS                        parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CUDA_HEADDIMS = (32, 64, 96, 128, 192, 256)
+CUDA_DTYPES = ("fp16", "bf16")
+
+
+def env_flag(name, default="auto"):
+    value = os.environ.get(name, default).strip().lower()
+    if value not in ("auto", "0", "1"):
+        sys.exit(f"{name} must be auto, 0 or 1 (got {value!r})")
+    return value
+
+
+def want_cuda():
+    mode = env_flag("FLASHATTN_BUILD_CUDA")
+    nvcc = CUDA_HOME is not None and (
+        os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) or shutil.which("nvcc") is not None)
+    has_torch_cuda = torch.version.cuda is not None
+    if mode == "0":
+        return False
+    if mode == "1":
+        if not (nvcc and has_torch_cuda):
+            sys.exit("FLASHATTN_BUILD_CUDA=1 needs a CUDA build of torch and nvcc "
+                     f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
+        return True
+    return nvcc and has_torch_cuda
+
+
+def cpu_capability_flags():
+    cap = os.environ.get("FLASHATTN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
+    cap = cap.upper()
+    if cap in ("AVX512", "AVX512_BF16", "AMX"):
+        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
+                "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
+    if cap == "AVX2":
+        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def selected(env, allowed, cast):
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return list(allowed)
+    chosen = [cast(x) for x in re.split(r"[,\s]+", raw) if x]
+    bad = [x for x in chosen if x not in allowed]
+    if bad:
+        sys.exit(f"{env}: {bad} not in {list(allowed)}")
+    return chosen
+
+
+def cuda_sources_and_defines():
+    headdims = selected("FLASHATTN_CUDA_HEADDIMS", CUDA_HEADDIMS, int)
+    dtypes = selected("FLASHATTN_CUDA_DTYPES", CUDA_DTYPES, str)
+    defines = [f"-DFLASHATTN_NO_HDIM_{d}" for d in CUDA_HEADDIMS if d not in headdims]
+    defines += [f"-DFLASHATTN_NO_{t.upper()}" for t in CUDA_DTYPES if t not in dtypes]
+    sources = []
+    for path in sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True)):
+        m = re.search(r"instantiations/\w+_hdim(\d+)_(fp16|bf16)\.cu$", path)
+        if m and (int(m.group(1)) not in headdims or m.group(2) not in dtypes):
+            continue
+        sources.append(path)
+    return sources, defines
+
+
+def extra_nvcc_flags():
+    path = os.path.join(ROOT, "csrc", "cuda", "nvcc_flags.txt")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def make_extension():
+    os.chdir(ROOT)
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-sign-compare", "-Wno-maybe-uninitialized"] + cpu_capability_flags()
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = [s for s in sources if not s.endswith("ops_cuda.cpp")]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not want_cuda():
+        return CppExtension("flashattn_ext._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    cuda_sources, defines = cuda_sources_and_defines()
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
+            "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "-lineinfo"] + defines + extra_nvcc_flags()
+    return CUDAExtension("flashattn_ext._C", sources + ["csrc/ops_cuda.cpp"] + cuda_sources,
+                         include_dirs=include_dirs,
+                         define_macros=[("FLASHATTN_WITH_CUDA", "1")],
+                         extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
+                         extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="flashattn_ext",
+    version="0.1.0",
+    description="FlashAttention as a PyTorch C++/CUDA extension: a drop-in for scaled_dot_product_attention",
+    packages=find_packages(include=["flashattn_ext", "flashattn_ext.*"]),
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    python_requires=">=3.9",
+)
