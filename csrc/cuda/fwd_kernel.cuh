@@ -1,0 +1,264 @@
+// FlashAttention-2 forward on mma.sync (sm80+): one CTA per (query block, head, batch).
+//
+//   load Q (block_m x d) once; stream K_j, V_j (block_n x d) through shared memory with cp.async:
+//   V_j is fetched while S = Q K_j^T and the softmax run, K_{j-1} while O += P V_j runs, so every
+//   copy overlaps one matrix product (the K and V buffers form the two-deep pipeline).
+//   Each warp owns block_m / num_warps query rows, keeps its S, P, O, row_max and row_sum in
+//   registers (online softmax with exp2, scale folded into the exponent), and P goes straight from
+//   the S accumulators into the A operand of P V. Writes O (through shared memory, 16-byte stores)
+//   and lse (fp32, natural log, -inf for a row that sees no key; its O is 0).
+//
+// Key blocks run from last to first, so with a causal band the tiles that need element masking
+// come first; tiles outside the band are never visited, tiles wholly inside it skip masking.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../attention_params.h"
+#include "ptx.h"
+#include "score_mod.h"
+#include "smem_layout.h"
+#include "warp_gemm.h"
+
+namespace flashattn::cuda {
+
+// kExtras: the kernel also handles attn_mask, dropout, ALiBi, softcap and the block mask (runtime
+// values, per-tile uniform branches). It is the one compile-time flag besides dtype and head dim:
+// with those paths compiled in, the register budget of the 128 x 64 hdim-128 tile overflows
+// (ptxas spills ~400 bytes), so the plain kernel (band, GQA, any lengths: what SDPA's FLASH and
+// flash_attn_func users run) is built without them and the extras kernel uses a smaller tile.
+template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNumWarps_, bool kExtras_>
+struct FwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kNumWarps = kNumWarps_;
+  static constexpr bool kExtras = kExtras_;
+  static constexpr int kThreads = 32 * kNumWarps;
+  static constexpr int kWarpRows = kBlockM / kNumWarps;
+  static constexpr int kMT = kWarpRows / 16;       // 16-row strips per warp
+  static constexpr int kScoreNT = kBlockN / 8;     // 8-key tiles of S per strip
+  static constexpr int kOutNT = kHeadDim / 8;      // 8-column tiles of O per strip
+  static_assert(kWarpRows % 16 == 0 && kBlockN % 16 == 0 && kHeadDim % 32 == 0, "tile shape");
+  using TileQ = SmemTile<kBlockM, kHeadDim>;
+  using TileK = SmemTile<kBlockN, kHeadDim>;
+  using TileV = SmemTile<kBlockN, kHeadDim>;
+  static constexpr int kSmemBytes = TileQ::kBytes + TileK::kBytes + TileV::kBytes;
+};
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionParams p, const bool vectorized) {
+  using Element = typename Traits::Element;
+  using TileQ = typename Traits::TileQ;
+  using TileK = typename Traits::TileK;
+  using TileV = typename Traits::TileV;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  constexpr int kMT = Traits::kMT, kScoreNT = Traits::kScoreNT, kOutNT = Traits::kOutNT;
+  constexpr bool kExtras = Traits::kExtras;
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw);
+  Element* sK = sQ + TileQ::kElements;
+  Element* sV = sK + TileK::kElements;
+
+  // Which (batch, head) and query block. Heavy (late, under a causal band) blocks start first.
+  const int64_t bh = blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z;
+  if (bh >= p.batch * p.num_heads) return;
+  const int64_t b = bh / p.num_heads, h = bh % p.num_heads;
+  const int64_t h_k = h / (p.num_heads / p.num_heads_k);
+  const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
+  const int rows = static_cast<int>(p.seqlen_q - m0 < kBlockM ? p.seqlen_q - m0 : kBlockM);
+  const int64_t m_last = m0 + rows - 1;
+
+  const ScoreMods mods(p, b, h);
+  if (kExtras && p.rng_state != nullptr && p.dropout_p > 0.f && bh == 0 && blockIdx.x == 0 && threadIdx.x == 0) {
+    p.rng_state[0] = static_cast<int64_t>(mods.seed);
+    p.rng_state[1] = static_cast<int64_t>(mods.offset);
+  }
+
+  // Key blocks that meet the band of rows [m0, m_last].
+  const int64_t key_begin = band_key_begin(p, m0), key_end = band_key_end(p, m_last);
+  const int64_t n_block_min = key_begin / kBlockN;
+  const int64_t n_block_max = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : n_block_min;
+
+  const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
+  const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride;
+  auto keys_in = [&](int64_t n_block) {
+    const int64_t left = p.seqlen_k - n_block * kBlockN;
+    return static_cast<int>(left < kBlockN ? left : kBlockN);
+  };
+  auto load_k = [&](int64_t n_block) {
+    load_tile_async<TileK, Traits::kThreads>(sK, k + n_block * kBlockN * p.k_row_stride, p.k_row_stride,
+                                             keys_in(n_block), static_cast<int>(p.headdim), vectorized);
+  };
+  auto load_v = [&](int64_t n_block) {
+    load_tile_async<TileV, Traits::kThreads>(sV, v + n_block * kBlockN * p.v_row_stride, p.v_row_stride,
+                                             keys_in(n_block), static_cast<int>(p.headdim_v), vectorized);
+  };
+
+  load_tile_async<TileQ, Traits::kThreads>(sQ, q, p.q_row_stride, rows, static_cast<int>(p.headdim), vectorized);
+  if (n_block_max > n_block_min) load_k(n_block_max - 1);
+  cp_async_commit();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp_row0 = warp * Traits::kWarpRows;  // first row of this warp inside the block
+  const FragA<TileQ> frag_q(sQ, warp_row0);
+  const FragB<TileK> frag_k(sK, 0);
+  const FragBTrans<TileV> frag_v(sV, 0);
+
+  float acc_o[kMT][kOutNT][4];
+  zero(acc_o);
+  float row_max[kMT][2], row_sum[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) row_max[mt][half] = -INFINITY, row_sum[mt][half] = 0.f;
+  // exp2 argument = score * exp_scale - row_max * exp_scale. Raw scores carry the softmax scale
+  // in exp_scale; transformed scores (softcap, ALiBi, float mask) are already scaled logits.
+  const bool has_transform = kExtras && mods.has_transform;
+  const float exp_scale = has_transform ? kLog2e : static_cast<float>(p.softmax_scale) * kLog2e;
+  const bool dropout = kExtras && p.dropout_p > 0.f;
+
+  for (int64_t n_block = n_block_max - 1; n_block >= n_block_min; --n_block) {
+    const int64_t n0 = n_block * kBlockN;
+    cp_async_wait<0>();
+    __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j+1}
+    load_v(n_block);
+    cp_async_commit();
+
+    const bool skip = kExtras && mods.tile_skipped(p, m0, m_last, n0, n0 + kBlockN - 1);
+    uint32_t p_frag[kMT][kScoreNT / 2][4];
+    if (!skip) {
+      // S = Q K_j^T
+      float acc_s[kMT][kScoreNT][4];
+      zero(acc_s);
+      warp_gemm<kMT, kScoreNT, kHeadDim / 16, false, false, 1, Element>(acc_s, frag_q, frag_k);
+
+      // Masking, only where this tile needs it. The band and the sequence ends reduce to one
+      // visible key interval [lo, hi) per row (tile-relative), two compares per score.
+      if (!mods.tile_inside_band(p, m0, m_last, n0, n0 + kBlockN - 1)) {
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * half;
+            const int64_t begin = band_key_begin(p, i) - n0, end = band_key_end(p, i) - n0;
+            const int lo = static_cast<int>(begin < 0 ? 0 : (begin > kBlockN ? kBlockN : begin));
+            const int hi = i >= p.seqlen_q ? 0 : static_cast<int>(end < 0 ? 0 : (end > kBlockN ? kBlockN : end));
+#pragma unroll
+            for (int nt = 0; nt < kScoreNT; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int col = 8 * nt + 2 * t + e;
+                if (col < lo || col >= hi) acc_s[mt][nt][2 * half + e] = -INFINITY;
+              }
+          }
+      }
+      // Everything else (softcap, ALiBi, attn_mask, block mask): per element, rare.
+      if (kExtras && (mods.has_transform || mods.has_element_mask)) {
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kScoreNT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * (e / 2), j = n0 + 8 * nt + 2 * t + (e % 2);
+              float& s = acc_s[mt][nt][e];
+              if (s == -INFINITY || i >= p.seqlen_q || j >= p.seqlen_k) continue;
+              if (mods.has_transform) s = mods.logit(p, s, i, j);
+              if (mods.has_element_mask && !mods.visible(p, i, j)) s = -INFINITY;
+            }
+      }
+
+      // Online softmax: new row maxima, rescale O and row_sum, P = exp2(S * exp_scale - max).
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float tile_max = row_max[mt][half];
+#pragma unroll
+          for (int nt = 0; nt < kScoreNT; ++nt)
+            tile_max = fmaxf(tile_max, fmaxf(acc_s[mt][nt][2 * half], acc_s[mt][nt][2 * half + 1]));
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+          const float max_scaled = tile_max == -INFINITY ? 0.f : tile_max * exp_scale;
+          const float correction =
+              row_max[mt][half] == -INFINITY ? 0.f : fast_exp2(row_max[mt][half] * exp_scale - max_scaled);
+          row_max[mt][half] = tile_max;
+          row_sum[mt][half] *= correction;
+#pragma unroll
+          for (int nt = 0; nt < kOutNT; ++nt) {
+            acc_o[mt][nt][2 * half] *= correction;
+            acc_o[mt][nt][2 * half + 1] *= correction;
+          }
+#pragma unroll
+          for (int nt = 0; nt < kScoreNT; ++nt)
+#pragma unroll
+            for (int e = 2 * half; e < 2 * half + 2; ++e) {
+              const float prob = fast_exp2(acc_s[mt][nt][e] * exp_scale - max_scaled);
+              acc_s[mt][nt][e] = prob;
+              row_sum[mt][half] += prob;
+            }
+        }
+
+      // Dropout after the normaliser is counted: dropped probabilities leave P V only
+      // (1 / (1 - dropout_p) is folded into the final normalisation).
+      if (dropout) {
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * half;
+#pragma unroll
+            for (int nt = 0; nt < kScoreNT; ++nt) {
+              const int64_t j = n0 + 8 * nt + 2 * t;  // even: j, j + 1 share one Philox draw
+              const uint32_t bits = mods.keep_bits(p, i, j & ~int64_t(3)) >> (j & 3);
+              if (!(bits & 1u)) acc_s[mt][nt][2 * half] = 0.f;
+              if (!(bits & 2u)) acc_s[mt][nt][2 * half + 1] = 0.f;
+            }
+          }
+      }
+      acc_to_a_fragments<Element>(p_frag, acc_s);
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V_j landed; every warp is done with K_j
+    if (n_block - 1 >= n_block_min) load_k(n_block - 1);
+    cp_async_commit();
+
+    // O += P V_j
+    if (!skip) warp_gemm_ra<kMT, kOutNT, kBlockN / 16, true, Element>(acc_o, p_frag, frag_v);
+  }
+
+  // Epilogue: O /= row_sum, lse = log(row_sum) + row_max (natural log), empty rows -> O = 0, lse = -inf.
+  const float keep_scale = dropout ? static_cast<float>(1.0 / (1.0 - p.dropout_p)) : 1.f;
+  float* lse = p.lse + bh * p.seqlen_q + m0;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float sum = row_sum[mt][half];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const bool empty = !(sum > 0.f);
+      const float inv = empty ? 0.f : keep_scale / sum;
+#pragma unroll
+      for (int nt = 0; nt < kOutNT; ++nt) {
+        acc_o[mt][nt][2 * half] *= inv;
+        acc_o[mt][nt][2 * half + 1] *= inv;
+      }
+      const int row = warp_row0 + 16 * mt + g + 8 * half;
+      if (t == 0 && row < rows)
+        lse[row] = empty ? -INFINITY : (row_max[mt][half] * exp_scale) * kLn2 + logf(sum);
+    }
+
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with sQ
+  store_acc_to_smem<TileQ>(sQ, acc_o, warp_row0, 0);
+  __syncthreads();
+  Element* out = static_cast<Element*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + m0 * p.o_row_stride;
+  store_tile<TileQ, Traits::kThreads>(out, p.o_row_stride, sQ, rows, static_cast<int>(p.headdim_v), vectorized);
+}
+
+}  // namespace flashattn::cuda

@@ -1,0 +1,8 @@
+// fwd kernels for head-dim bucket 256, fp16. One instantiation per translation unit.
+#include "../launch_impl.cuh"
+
+#if !defined(FLASHATTN_NO_FP16) && !defined(FLASHATTN_NO_HDIM_256)
+namespace flashattn::cuda {
+template cudaError_t launch_fwd<__half, 256>(const AttentionParams&, const LaunchOptions&, cudaStream_t);
+}  // namespace flashattn::cuda
+#endif

@@ -1,0 +1,58 @@
+// Definitions of launch_fwd / launch_bwd for one (dtype, head-dim bucket); included only by the
+// instantiation files, one translation unit each (compile time scales with the buckets built).
+#pragma once
+
+#include "grid.h"
+#include "kernel_configs.h"
+#include "launch_templates.h"
+
+namespace flashattn::cuda {
+
+template <class Traits>
+cudaError_t launch_fwd_kernel(const AttentionParams& p, const LaunchOptions& opt, cudaStream_t stream) {
+  const int64_t m_blocks = ceil_div(p.seqlen_q, Traits::kBlockM);
+  if (m_blocks == 0 || p.batch * p.num_heads == 0) return cudaSuccess;
+  auto kernel = fwd_kernel<Traits>;
+  constexpr int smem_bytes = Traits::kSmemBytes;
+  if (smem_bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<tile_grid(m_blocks, p.batch * p.num_heads), Traits::kThreads, smem_bytes, stream>>>(p, opt.vectorized);
+  return cudaGetLastError();
+}
+
+template <typename Element, int kHeadDim>
+cudaError_t launch_fwd(const AttentionParams& p, const LaunchOptions& opt, cudaStream_t stream) {
+  using Config = FwdConfig<Element, kHeadDim>;
+  if (opt.extras) return launch_fwd_kernel<typename Config::TraitsExtras>(p, opt, stream);
+  return launch_fwd_kernel<typename Config::Traits>(p, opt, stream);
+}
+
+template <class Traits>
+cudaError_t launch_bwd_kernel(const AttentionGradParams& p, const LaunchOptions& opt, cudaStream_t stream) {
+  const int64_t n_blocks = ceil_div(p.seqlen_k, Traits::kBlockN);
+  if (n_blocks == 0 || p.batch * p.num_heads_k == 0) return cudaSuccess;
+  auto kernel = bwd_kernel<Traits>;
+  constexpr int smem_bytes = Traits::kSmemBytes;
+  if (smem_bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<tile_grid(n_blocks, p.batch * p.num_heads_k), Traits::kThreads, smem_bytes, stream>>>(p, opt.vectorized);
+  return cudaGetLastError();
+}
+
+template <typename Element, int kHeadDim>
+cudaError_t launch_bwd(const AttentionGradParams& p, const LaunchOptions& opt, cudaStream_t stream) {
+  using Config = BwdConfig<Element, kHeadDim>;
+  const cudaError_t err = opt.extras ? launch_bwd_kernel<typename Config::TraitsExtras>(p, opt, stream)
+                                     : launch_bwd_kernel<typename Config::Traits>(p, opt, stream);
+  if (err != cudaSuccess) return err;
+  const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
+  if (rows == 0) return cudaSuccess;
+  dq_convert_kernel<Element><<<static_cast<unsigned>(ceil_div(rows, 8)), dim3(32, 8), 0, stream>>>(p, kHeadDim);
+  return cudaGetLastError();
+}
+
+}  // namespace flashattn::cuda

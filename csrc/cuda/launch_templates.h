@@ -1,0 +1,27 @@
+// Per-(dtype, head-dim bucket) launchers, each defined in one instantiations/*.cu translation unit.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../attention_params.h"
+
+namespace flashattn::cuda {
+
+// Extra launch state that is CUDA-only (not part of AttentionParams).
+struct LaunchOptions {
+  bool vectorized = true;  // 16-byte aligned pointers and row/head/batch strides: cp.async path
+  bool extras = false;     // attn_mask, dropout, ALiBi, softcap, block mask or scale <= 0 present
+};
+
+template <typename Element, int kHeadDim>
+cudaError_t launch_fwd(const AttentionParams& p, const LaunchOptions& opt, cudaStream_t stream);
+
+// dq_accum: fp32 (batch, num_heads, seqlen_q, kHeadDim), zeroed; dq_semaphore: int32
+// (batch, num_heads, query blocks), zeroed (deterministic mode only). Both set in p.
+template <typename Element, int kHeadDim>
+cudaError_t launch_bwd(const AttentionGradParams& p, const LaunchOptions& opt, cudaStream_t stream);
+
+// Size of the bwd query block (dq_semaphore has one counter per query block).
+int bwd_block_m(int head_dim_bucket);
+
+}  // namespace flashattn::cuda
