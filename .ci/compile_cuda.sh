@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Compile-check every CUDA translation unit under csrc/cuda for sm_80 and sm_90 on a machine
+# without a GPU: nvcc -c with the flags setup.py uses, 2 jobs at a time, `-Xptxas -v`.
+# Writes the full ptxas report to $1 (default build/ptxas_report.txt) and a per-kernel summary
+# (registers, spill stores/loads, stack, dynamic shared memory) to $1.summary and stdout.
+# Fails on any compile error, and if a forward kernel for head dims <= 128 spills.
+#
+#   FLASHATTN_CI_ARCHS="80 90"   architectures (default: both)
+#   FLASHATTN_CI_JOBS=2          parallel nvcc processes
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+REPORT=${1:-build/ptxas_report.txt}
+mkdir -p "$(dirname "$REPORT")"
+REPORT=$(cd "$(dirname "$REPORT")" && pwd)/$(basename "$REPORT")
+ARCHS=${FLASHATTN_CI_ARCHS:-"80 90"}
+JOBS=${FLASHATTN_CI_JOBS:-2}
+WORK=$(mktemp -d /tmp/flashattn_cuda_ci.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+
+if ! command -v nvcc >/dev/null; then
+  echo "compile_cuda.sh: nvcc not found" >&2
+  exit 1
+fi
+
+FLAGS="-O3 -std=c++17 --expt-relaxed-constexpr -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__"
+FLAGS+=" -U__CUDA_NO_BFLOAT16_CONVERSIONS__ -lineinfo -I csrc -Xptxas -v"
+if [[ -f csrc/cuda/nvcc_flags.txt ]]; then
+  while IFS= read -r flag; do
+    [[ -z "$flag" || "$flag" == \#* ]] && continue
+    FLAGS+=" $flag"
+  done < csrc/cuda/nvcc_flags.txt
+fi
+export FLAGS WORK
+
+compile_one() {  # $1 = file, $2 = arch
+  local file=$1 arch=$2 tag
+  tag=$(echo "${file#csrc/cuda/}" | tr '/' '_')_sm$arch
+  local start=$SECONDS
+  # shellcheck disable=SC2086
+  if nvcc $FLAGS -gencode "arch=compute_$arch,code=sm_$arch" -c "$file" -o "$WORK/$tag.o" >"$WORK/$tag.log" 2>&1; then
+    echo "ok   $file sm_$arch ($((SECONDS - start)) s)"
+  else
+    echo "FAIL $file sm_$arch" >&2
+    cat "$WORK/$tag.log" >&2
+    touch "$WORK/$tag.failed"
+  fi
+}
+export -f compile_one
+
+mapfile -t FILES < <(find csrc/cuda -name '*.cu' | sort)
+echo "compile_cuda.sh: ${#FILES[@]} translation units x archs [$ARCHS], $JOBS jobs"
+T0=$SECONDS
+# Largest first (the instantiation files) so the two workers finish together.
+for f in "${FILES[@]}"; do for a in $ARCHS; do echo "$f $a"; done; done |
+  sort -t' ' -k1,1 -r | xargs -P "$JOBS" -L 1 bash -c 'compile_one "$0" "$1"'
+ELAPSED=$((SECONDS - T0))
+
+cat "$WORK"/*.log > "$REPORT"
+if compgen -G "$WORK/*.failed" >/dev/null; then
+  echo "compile_cuda.sh: compile errors (see above)" >&2
+  exit 1
+fi
+if grep -qiE "warning" "$REPORT"; then
+  echo "compile_cuda.sh: nvcc/ptxas warnings:"
+  grep -iE "warning" "$REPORT" | sort -u | head -20
+fi
+
+# Dynamic shared memory per kernel configuration comes from the traits: a host-only program
+# (no GPU needed) prints them.
+cat > "$WORK/smem.cu" <<'CPP'
+#include <cstdio>
+#include "cuda/kernel_configs.h"
+using namespace flashattn::cuda;
+template <int D> void print_bucket() {
+  using F = FwdConfig<__half, D>; using B = BwdConfig<__half, D>;
+  std::printf("fwd d=%d: %d x %d, %d warps, %d B | extras %d x %d, %d B\n", D, F::Traits::kBlockM, F::Traits::kBlockN,
+              F::Traits::kNumWarps, F::Traits::kSmemBytes, F::TraitsExtras::kBlockM, F::TraitsExtras::kBlockN,
+              F::TraitsExtras::kSmemBytes);
+  std::printf("bwd d=%d: %d x %d, %d warps, %d stage(s), %d B | extras %d x %d, %d B\n", D, B::Traits::kBlockM,
+              B::Traits::kBlockN, B::Traits::kNumWarps, B::Traits::kStages, B::Traits::kSmemBytes,
+              B::TraitsExtras::kBlockM, B::TraitsExtras::kBlockN, B::TraitsExtras::kSmemBytes);
+}
+int main() {
+  print_bucket<32>(); print_bucket<64>(); print_bucket<96>(); print_bucket<128>(); print_bucket<192>(); print_bucket<256>();
+}
+CPP
+SMEM_TABLE=""
+if nvcc -std=c++17 --expt-relaxed-constexpr -I csrc -o "$WORK/smem" "$WORK/smem.cu" >"$WORK/smem.log" 2>&1; then
+  SMEM_TABLE=$("$WORK/smem")
+fi
+
+python3 - "$REPORT" "$ELAPSED" "$SMEM_TABLE" <<'PY'
+import re, subprocess, sys
+report, elapsed, smem_table = sys.argv[1], sys.argv[2], sys.argv[3]
+rows, cur = [], None
+for line in open(report):
+    m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+    if m:
+        cur = {"mangled": m.group(1), "arch": m.group(2), "regs": "?", "spill_st": 0, "spill_ld": 0, "stack": 0}
+        rows.append(cur)
+        continue
+    if cur is None:
+        continue
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m:
+        cur["stack"], cur["spill_st"], cur["spill_ld"] = map(int, m.groups())
+    m = re.search(r"Used (\d+) registers", line)
+    if m:
+        cur["regs"] = int(m.group(1))
+    m = re.search(r"(\d+) bytes smem", line)
+    if m:
+        cur["static_smem"] = int(m.group(1))
+names = subprocess.run(["c++filt"], input="\n".join(r["mangled"] for r in rows), capture_output=True, text=True).stdout.split("\n")
+def short(n):
+    n = n.replace("flashattn::cuda::", "").replace("(anonymous namespace)::", "")
+    n = re.sub(r"\(.*\)$", "", n)
+    return n.replace("__nv_bfloat16", "bf16").replace("__half", "fp16")
+seen, lines, bad = set(), [], []
+for r, n in zip(rows, names):
+    key = (short(n), r["arch"])
+    if key in seen:
+        continue
+    seen.add(key)
+    lines.append(f"{r['arch']:6} regs {str(r['regs']):>3}  spill st/ld {r['spill_st']:>4}/{r['spill_ld']:<4} stack {r['stack']:>4}  {key[0]}")
+    m = re.match(r"void fwd_kernel<FwdTraits<\w+, (\d+),", key[0])
+    if m and int(m.group(1)) <= 128 and (r["spill_st"] or r["spill_ld"]):
+        bad.append(lines[-1])
+summary = "\n".join(sorted(lines, key=lambda s: (s.split("  ")[-1], s[:6])))
+text = f"ptxas summary ({len(lines)} kernels, compile wall time {elapsed} s)\n{summary}\n\nTile configurations (dynamic shared memory per CTA):\n{smem_table}\n"
+open(report + ".summary", "w").write(text)
+print(text)
+if bad:
+    print("FAIL: forward kernels for head dims <= 128 spill:\n" + "\n".join(bad))
+    sys.exit(1)
+PY
+echo "compile_cuda.sh: done in ${ELAPSED} s; report $REPORT"
