@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The one script for a GPU session: build, test, sanitize, benchmark.
+#
+#   bash benchmarks/gpu_session.sh [build|test|sanitize|bench|quick|all]...   (default: all)
+#
+# Each stage fits one 10-minute device call on its own (expected times on an H100 machine with
+# 16 cores; run the stages as separate calls when the build is cold):
+#   build     pip install -e . with MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0       ~3-5 min cold
+#   test      the whole pytest suite (tests/test_cuda.py ~2-3 min of it)         ~4 min
+#   sanitize  compute-sanitizer memcheck, racecheck, synccheck on small configs   ~4 min
+#   bench     benchmarks/bench_attention.py (full sweep)                          ~6 min
+#   quick     bench_attention.py --quick (D=128, S in {1k, 8k})                   ~1 min
+# PYTEST_EXTRA="-k test_cuda" narrows the test stage (e.g. when time is short).
+# Logs go to $OUT (if set, else build/gpu_session/): build.log, test.log, sanitize.log, bench.log,
+# bench_results.tar.gz (benchmarks/results/<gpu>/), summary.txt (printed last). At most 8 files,
+# so they all come back from a device call.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+LOGS=${OUT:-$ROOT/build/gpu_session}
+mkdir -p "$LOGS"
+SUMMARY=$LOGS/summary.txt
+STAGES=("$@")
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(all)
+PY=${PYTHON:-python}
+read -r -a PYTEST_ARGS <<<"${PYTEST_EXTRA:-}"  # e.g. PYTEST_EXTRA="-k cuda -x"
+export MAX_JOBS=${MAX_JOBS:-16}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+stamp() { date -u +%H:%M:%S; }
+
+{
+  echo "== gpu_session $(date -u +%FT%TZ) stages: ${STAGES[*]}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+} | tee -a "$SUMMARY"
+
+stage_build() {
+  local t0=$SECONDS
+  note "-- build ($(stamp)): MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+  if $PY -m pip install --no-build-isolation -v -e . >"$LOGS/build.log" 2>&1; then
+    note "build: ok in $((SECONDS - t0)) s"
+    $PY -c "import flashattn_ext, json; print(json.dumps(flashattn_ext.build_info(), default=str))" 2>&1 | tee -a "$SUMMARY"
+  else
+    note "build: FAILED after $((SECONDS - t0)) s (tail of build.log follows)"
+    tail -40 "$LOGS/build.log" | tee -a "$SUMMARY"
+    return 1
+  fi
+}
+
+stage_test() {
+  local t0=$SECONDS
+  note "-- test ($(stamp))"
+  local extra=()
+  $PY -c "import pytest_timeout" 2>/dev/null && extra=(--timeout=600)
+  $PY -m pytest -q -p no:cacheprovider -rs "${extra[@]}" tests/ "${PYTEST_ARGS[@]}" >"$LOGS/test.log" 2>&1
+  local rc=$?
+  note "test: rc=$rc in $((SECONDS - t0)) s: $(tail -1 "$LOGS/test.log")"
+  grep -E "^(FAILED|ERROR)" "$LOGS/test.log" | head -30 | tee -a "$SUMMARY"
+  return $rc
+}
+
+stage_sanitize() {
+  local t0=$SECONDS rc=0
+  note "-- sanitize ($(stamp))"
+  local cs
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [[ -z "$cs" ]]; then
+    note "sanitize: compute-sanitizer not found"
+    return 1
+  fi
+  : >"$LOGS/sanitize.log"
+  for tool in memcheck racecheck synccheck; do
+    local subset=all
+    [[ $tool != memcheck ]] && subset=race
+    echo "==== $tool ($subset)" >>"$LOGS/sanitize.log"
+    if "$cs" --tool "$tool" --error-exitcode 17 --print-limit 20 \
+        $PY tests/cuda_sanitizer_driver.py --subset "$subset" >>"$LOGS/sanitize.log" 2>&1; then
+      note "sanitize $tool: clean"
+    else
+      rc=1
+      note "sanitize $tool: ERRORS (see sanitize.log)"
+    fi
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/sanitize.log" | tail -1 | tee -a "$SUMMARY"
+  done
+  note "sanitize: $((SECONDS - t0)) s"
+  return $rc
+}
+
+stage_bench() {
+  local t0=$SECONDS
+  note "-- bench ($(stamp)) $*"
+  $PY benchmarks/bench_attention.py "$@" >"$LOGS/bench.log" 2>&1
+  local rc=$?
+  note "bench: rc=$rc in $((SECONDS - t0)) s"
+  sed -n '/Ratios ours/,$p' "$LOGS/bench.log" | grep -E "d=128 S=8192 causal=False|wrote" | tee -a "$SUMMARY"
+  tar czf "$LOGS/bench_results.tar.gz" -C benchmarks results 2>/dev/null
+  return $rc
+}
+
+status=0
+for stage in "${STAGES[@]}"; do
+  case $stage in
+    build) stage_build || status=1 ;;
+    test) stage_test || status=1 ;;
+    sanitize) stage_sanitize || status=1 ;;
+    bench) stage_bench || status=1 ;;
+    quick) stage_bench --quick || status=1 ;;
+    all) { stage_build && stage_test; stage_sanitize; stage_bench; } || status=1 ;;
+    *) echo "unknown stage $stage (build|test|sanitize|bench|quick|all)"; status=2 ;;
+  esac
+done
+echo
+echo "==== summary ($LOGS/summary.txt)"
+cat "$SUMMARY"
+exit $status

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Runs every CUDA kernel of flashattn_ext once on a small configuration, for compute-sanitizer:
+
+    compute-sanitizer --tool memcheck  --error-exitcode 1 python tests/cuda_sanitizer_driver.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python tests/cuda_sanitizer_driver.py --subset race
+    compute-sanitizer --tool synccheck --error-exitcode 1 python tests/cuda_sanitizer_driver.py --subset race
+
+Covered: the tensor-core forward (plain and extras kernels) and backward (plain, extras,
+deterministic) for every compiled head-dim bucket and dtype, the backward preprocessing and dQ
+conversion, the unaligned (element-wise load) path, the SIMT forward/backward for fp32, fp64 and
+head dims > 256, the dmask zeroing and the dropout-mask kernel. Lengths are odd on purpose (tile
+edges). Prints one line per case and exits non-zero if a result is not finite.
+"""
+
+import argparse
+import sys
+
+import torch
+
+
+def rand(*shape, dtype):
+    return torch.randn(*shape, device="cuda", dtype=torch.float32).to(dtype)
+
+
+def run_case(name, fn):
+    torch.cuda.synchronize()
+    outs = fn()
+    torch.cuda.synchronize()
+    bad = [i for i, t in enumerate(outs) if t is not None and t.is_floating_point() and not torch.isfinite(
+        t.float().masked_fill(torch.isneginf(t.float()), 0)).all()]
+    print(f"{'ok  ' if not bad else 'BAD '} {name}", flush=True)
+    return not bad
+
+
+def fwd_bwd(q, k, v, **kw):
+    import flashattn_ext
+
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = flashattn_ext.scaled_dot_product_attention(q, k, v, **kw)
+    out.backward(torch.randn_like(out))
+    return [out, q.grad, k.grad, v.grad]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--subset", default="all", choices=["all", "race"],
+                    help="race: one head dim per kernel family (racecheck is slow)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("cuda_sanitizer_driver.py: no CUDA device")
+        return 0
+    import flashattn_ext
+    import flashattn_ext.testing
+
+    info = flashattn_ext.build_info()
+    buckets = [int(x) for x in str(info.get("cuda_headdims", "64")).replace("[", "").replace("]", "").split(",") if x]
+    dtypes = [t for t in (torch.float16, torch.bfloat16)
+              if ("fp16" if t == torch.float16 else "bf16") in str(info.get("cuda_dtypes", "fp16,bf16"))]
+    if args.subset == "race":
+        buckets = [b for b in buckets if b in (64, 256)] or buckets[:1]
+        dtypes = dtypes[:1]
+    ok = True
+    L, S = 77, 91
+    for dtype in dtypes:
+        for d in buckets:
+            q, k, v = rand(1, 2, L, d, dtype=dtype), rand(1, 2, S, d, dtype=dtype), rand(1, 2, S, d, dtype=dtype)
+            tag = f"{str(dtype).split('.')[-1]} d={d}"
+            ok &= run_case(f"plain fwd+bwd {tag}", lambda: fwd_bwd(q, k, v, is_causal=True))
+            ok &= run_case(f"deterministic bwd {tag}", lambda: fwd_bwd(q, k, v, deterministic=True))
+            mask = torch.randn(1, 1, L, S, device="cuda", dtype=torch.float32)
+            ok &= run_case(f"extras (float mask) {tag}", lambda: fwd_bwd(q, k, v, attn_mask=mask))
+    dtype = dtypes[0] if dtypes else torch.bfloat16
+    d = 64 if 64 in buckets else (buckets[0] if buckets else 64)
+    q, k, v = rand(2, 4, L, d, dtype=dtype), rand(2, 2, S, d, dtype=dtype), rand(2, 2, S, d, dtype=dtype)
+    ok &= run_case("gqa bottom-right window", lambda: [flashattn_ext.flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window_size=(20, 0))])
+    ok &= run_case("gqa bwd", lambda: fwd_bwd(q, k, v, enable_gqa=True, is_causal=True))
+    bool_mask = torch.rand(2, 4, L, S, device="cuda") > 0.5
+    ok &= run_case("bool mask", lambda: fwd_bwd(q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), attn_mask=bool_mask))
+    ok &= run_case("dropout", lambda: fwd_bwd(q, k, v, enable_gqa=True, dropout_p=0.3))
+    ok &= run_case("alibi + softcap", lambda: fwd_bwd(q, k, v, enable_gqa=True, softcap=10.0,
+                                                    alibi_slopes=torch.rand(4, device="cuda")))
+    mask_g = torch.randn(L, S, device="cuda", requires_grad=True)
+
+    def with_mask_grad():
+        res = fwd_bwd(q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), attn_mask=mask_g)
+        return res + [mask_g.grad]
+
+    ok &= run_case("mask grad", with_mask_grad)
+    blocks = torch.rand(2, 4, (L + 63) // 64, (S + 63) // 64, device="cuda") > 0.3
+    ok &= run_case("block sparse", lambda: list(torch.ops.flashattn_ext.fwd(
+        q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), None, None, blocks, 0.0, None, -1, -1, False, 0.0, 64, 64,
+        False)[:2]))
+    big = rand(1, 2, L, d + 8, dtype=dtype)
+    ok &= run_case("unaligned rows", lambda: fwd_bwd(big[..., 3:3 + d], k[:1], v[:1]))
+    for fdt in (torch.float32, torch.float64):
+        qf, kf, vf = rand(1, 2, 33, 72, dtype=fdt), rand(1, 2, 45, 72, dtype=fdt), rand(1, 2, 45, 72, dtype=fdt)
+        ok &= run_case(f"simt {fdt}", lambda: fwd_bwd(qf, kf, vf, is_causal=True))
+    qh, kh, vh = rand(1, 2, 20, 320, dtype=dtype), rand(1, 2, 25, 320, dtype=dtype), rand(1, 2, 25, 320, dtype=dtype)
+    ok &= run_case("simt d=320", lambda: fwd_bwd(qh, kh, vh))
+    _, _, rng = torch.ops.flashattn_ext.fwd(q, k, v, None, None, None, 0.2, None, -1, -1, False, 0.0, 128, 128, False)
+    ok &= run_case("dropout mask kernel", lambda: [flashattn_ext.testing.dropout_mask(q, k, rng, 0.2).float()])
+    print("sanitizer driver:", "all cases finite" if ok else "NON-FINITE RESULTS")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

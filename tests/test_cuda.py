@@ -1,0 +1,531 @@
+"""GPU tests of the CUDA kernels (tensor-core and SIMT paths), skipped without CUDA.
+
+Every result is compared with a float64 reference. The tolerance rule: our error is at most twice
+the error of torch's math SDPA in the same dtype (or, for features SDPA lacks, the same math
+reference run in that dtype), plus 1e-4; measured both as max-abs and as relative Frobenius norm.
+Inputs are fresh random numbers (never zeros) and every output buffer is poisoned with NaN
+before the kernels run (flashattn_ext.testing.poison_outputs), so an unwritten element fails.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+if torch.cuda.is_available():
+    import flashattn_ext
+    from flashattn_ext.testing import dropout_mask, poison_outputs
+else:  # collection only
+    flashattn_ext = None
+
+DEV = "cuda"
+LOW = [torch.float16, torch.bfloat16]
+HEAD_DIMS = [32, 64, 96, 128, 192, 256]
+ODD_HEAD_DIMS = [8, 24, 40, 72, 80, 100, 160, 200, 250]
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+
+
+def band_mask(L, S, window_left=-1, window_right=-1, bottom_right=False, device=DEV):
+    """Bool (L, S): True where query i sees key j under the band (attention_params.h)."""
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    diag = S - L if bottom_right else 0
+    keep = torch.ones(L, S, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        keep &= j >= i + diag - window_left
+    if window_right >= 0:
+        keep &= j <= i + diag + window_right
+    return keep
+
+
+def reference(q, k, v, *, dtype=torch.float64, scale=None, attn_mask=None, causal=False, bottom_right=False,
+              window=(-1, -1), softcap=0.0, alibi=None, keep=None, dropout_p=0.0):
+    """Attention in `dtype` (float64 for the reference, q's dtype for the baseline), SDPA layout
+    (B, H, L, E). Returns (out, lse); fully masked rows give out 0 and lse -inf."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    B, H, L, E = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    if Hk != H:
+        k = k.repeat_interleave(H // Hk, dim=1)
+        v = v.repeat_interleave(H // Hk, dim=1)
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s = (q @ k.transpose(-1, -2)).to(acc) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi is not None:
+        i = torch.arange(L, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
+        dist = (i + S - L - j).abs().to(acc)
+        slopes = alibi.to(acc).reshape(-1, H, 1, 1) if alibi.dim() == 2 else alibi.to(acc).reshape(1, H, 1, 1)
+        s = s - slopes * dist
+    visible = torch.ones(L, S, dtype=torch.bool, device=q.device)
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    visible = visible & band_mask(L, S, left, right, bottom_right, q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask
+        else:
+            s = s + attn_mask.to(acc)
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    p = torch.where(torch.isfinite(lse)[..., None], p, torch.zeros_like(p))
+    p = p.nan_to_num(0.0)
+    if keep is not None:
+        p = p * keep.to(acc) / (1.0 - dropout_p)
+    out = (p.to(dtype) @ v).to(dtype)
+    return out, lse.float()
+
+
+def errors(x, ref):
+    x, ref = x.double(), ref.double()
+    diff = (x - ref).abs()
+    max_abs = diff.max().item() if diff.numel() else 0.0
+    rel = (diff.norm() / ref.norm().clamp_min(1e-30)).item() if diff.numel() else 0.0
+    return max_abs, rel
+
+
+def assert_close(name, ours, ref, baseline, slack=2.0, atol=1e-4):
+    """ours vs ref within slack x (baseline vs ref) + atol, max-abs and relative norm."""
+    assert not torch.isnan(ours).any(), f"{name}: NaN in output (unwritten element?)"
+    a_ours, r_ours = errors(ours, ref)
+    a_base, r_base = errors(baseline, ref)
+    assert a_ours <= slack * a_base + atol, f"{name}: max abs err {a_ours:.3e} > {slack} x {a_base:.3e} + {atol}"
+    assert r_ours <= slack * r_base + atol, f"{name}: rel err {r_ours:.3e} > {slack} x {r_base:.3e} + {atol}"
+
+
+def rand(*shape, dtype=torch.bfloat16, requires_grad=False):
+    # Fresh, non-zero values every call (a zero input would hide layout errors).
+    x = torch.randn(*shape, device=DEV, dtype=torch.float32).to(dtype)
+    x = torch.where(x == 0, torch.full_like(x, 0.5), x)
+    return x.requires_grad_(requires_grad)
+
+
+def grads_of(fn, inputs, dout):
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    out.backward(dout)
+    return out.detach(), [t.grad.detach().clone() for t in inputs]
+
+
+def check_fwd_bwd(q, k, v, dout=None, *, ours, ref_kwargs, name="", check_grad=True, baseline=None):
+    """Runs `ours(q, k, v)` (poisoned outputs), the fp64 reference and the same-dtype baseline,
+    compares the outputs and the gradients."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    with poison_outputs():
+        out = ours(*leaves)
+    dout = rand(*out.shape, dtype=q.dtype) if dout is None else dout
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref_out = reference(*leaves64, **ref_kwargs)[0]
+    leaves_low = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    if baseline is None:
+        base_out = reference(*leaves_low, dtype=q.dtype, **ref_kwargs)[0]
+    else:
+        base_out = baseline(*leaves_low)
+    assert_close(f"{name} out", out.detach(), ref_out.detach(), base_out.detach())
+    if not check_grad:
+        return
+    with poison_outputs():
+        out.backward(dout)
+    ref_out.backward(dout.double())
+    base_out.backward(dout)
+    for label, a, r, bse in zip("qkv", leaves, leaves64, leaves_low):
+        assert a.grad is not None, f"{name}: no gradient for {label}"
+        assert_close(f"{name} d{label}", a.grad, r.grad, bse.grad)
+
+
+def sdpa(**kw):
+    return lambda q, k, v: flashattn_ext.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def torch_math_sdpa(**kw):
+    def run(q, k, v):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# Build and routing
+
+
+def test_build_info_has_cuda():
+    info = flashattn_ext.build_info()
+    assert info["cuda"] is True
+    assert "cuda" in info["devices"]
+    assert info["cuda_archs"] and info["cuda_headdims"] and info["cuda_dtypes"]
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and backward: dtypes x head-dim buckets x causal, against torch's math SDPA baseline
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_buckets(dtype, head_dim, causal):
+    B, H, L, S = 2, 3, 197, 211
+    q, k, v = rand(B, H, L, head_dim, dtype=dtype), rand(B, H, S, head_dim, dtype=dtype), rand(B, H, S, head_dim, dtype=dtype)
+    check_fwd_bwd(q, k, v, ours=sdpa(is_causal=causal), ref_kwargs=dict(causal=causal),
+                  baseline=torch_math_sdpa(is_causal=causal), name=f"d={head_dim} causal={causal}")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", ODD_HEAD_DIMS)
+def test_odd_head_dims(dtype, head_dim):
+    q, k, v = rand(1, 2, 77, head_dim, dtype=dtype), rand(1, 2, 90, head_dim, dtype=dtype), rand(1, 2, 90, head_dim, dtype=dtype)
+    check_fwd_bwd(q, k, v, ours=sdpa(is_causal=True), ref_kwargs=dict(causal=True),
+                  baseline=torch_math_sdpa(is_causal=True), name=f"d={head_dim}")
+
+
+@pytest.mark.parametrize("dims", [(192, 128), (64, 32), (128, 64), (40, 72), (256, 128), (96, 200)])
+def test_value_head_dim_differs(dims):
+    E, Ev = dims
+    q, k, v = rand(2, 2, 70, E), rand(2, 2, 83, E), rand(2, 2, 83, Ev)
+    check_fwd_bwd(q, k, v, ours=sdpa(), ref_kwargs={}, baseline=torch_math_sdpa(), name=f"E={E} Ev={Ev}")
+
+
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 300), (300, 1), (17, 63), (64, 64), (65, 129), (128, 127),
+                                 (257, 1000), (1000, 257)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_lengths(L, S, causal):
+    q, k, v = rand(2, 2, L, 64), rand(2, 2, S, 64), rand(2, 2, S, 64)
+    check_fwd_bwd(q, k, v, ours=sdpa(is_causal=causal), ref_kwargs=dict(causal=causal),
+                  name=f"L={L} S={S} causal={causal}")
+
+
+@pytest.mark.parametrize("L,S", [(100, 300), (300, 100), (129, 64), (64, 129)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_causal_alignment(L, S, head_dim):
+    """SDPA's is_causal aligns top-left, flash_attn_func's causal bottom-right."""
+    q, k, v = rand(2, 4, L, head_dim), rand(2, 4, S, head_dim), rand(2, 4, S, head_dim)
+    check_fwd_bwd(q, k, v, ours=sdpa(is_causal=True), ref_kwargs=dict(causal=True), name="top-left")
+
+    def fa(q_, k_, v_):
+        return flashattn_ext.flash_attn_func(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2),
+                                             causal=True).transpose(1, 2)
+
+    check_fwd_bwd(q, k, v, ours=fa, ref_kwargs=dict(causal=True, bottom_right=True), name="bottom-right")
+
+
+@pytest.mark.parametrize("window", [(16, 0), (32, 32), (0, 0), (100, -1), (-1, 5)])
+@pytest.mark.parametrize("bottom_right", [False, True])
+def test_sliding_window(window, bottom_right):
+    q, k, v = rand(1, 2, 250, 64), rand(1, 2, 300, 64), rand(1, 2, 300, 64)
+    if bottom_right:
+        def ours(q_, k_, v_):
+            return flashattn_ext.flash_attn_func(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2),
+                                                 window_size=window).transpose(1, 2)
+    else:
+        ours = sdpa(window_size=window)
+    check_fwd_bwd(q, k, v, ours=ours, ref_kwargs=dict(window=window, bottom_right=bottom_right),
+                  name=f"window={window} br={bottom_right}")
+
+
+def test_fully_masked_rows_give_zero():
+    """Bottom-right causal with L > S: the first L - S query rows see no key. Their output,
+    gradient and lse must be 0, 0 and -inf (never NaN)."""
+    B, H, L, S, D = 2, 2, 200, 70, 64
+    q, k, v = rand(B, L, H, D, requires_grad=True), rand(B, S, H, D, requires_grad=True), rand(B, S, H, D, requires_grad=True)
+    with poison_outputs():
+        out, lse = flashattn_ext.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    empty = L - S
+    assert torch.all(out[:, :empty] == 0)
+    assert torch.all(torch.isneginf(lse[:, :, :empty]))
+    assert torch.isfinite(lse[:, :, empty:]).all()
+    dout = rand(*out.shape)
+    with poison_outputs():
+        out.backward(dout)
+    assert torch.all(q.grad[:, :empty] == 0)
+    assert not torch.isnan(q.grad).any() and not torch.isnan(k.grad).any() and not torch.isnan(v.grad).any()
+
+
+def test_fully_masked_rows_bool_mask():
+    B, H, L, S, D = 1, 2, 90, 130, 128
+    q, k, v = rand(B, H, L, D), rand(B, H, S, D), rand(B, H, S, D)
+    mask = torch.rand(B, H, L, S, device=DEV) > 0.3
+    mask[:, :, 5] = False
+    mask[:, :, 60:70] = False
+    check_fwd_bwd(q, k, v, ours=sdpa(attn_mask=mask), ref_kwargs=dict(attn_mask=mask), name="bool mask rows")
+    with poison_outputs():
+        out = flashattn_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.all(out[:, :, 5] == 0) and torch.all(out[:, :, 60:70] == 0)
+
+
+def test_lse_matches_reference():
+    q, k, v = rand(2, 100, 4, 64), rand(2, 150, 4, 64), rand(2, 150, 4, 64)
+    with poison_outputs():
+        _, lse = flashattn_ext.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    ref = reference(q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(),
+                    causal=True, bottom_right=True)[1]
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 100)
+    assert torch.allclose(lse, ref, atol=2e-2, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# GQA / MQA, strides, > 2^31 elements
+
+
+@pytest.mark.parametrize("heads_k", [1, 2, 4])
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+def test_gqa(heads_k, dtype):
+    q, k, v = rand(2, 8, 130, 64, dtype=dtype), rand(2, heads_k, 140, 64, dtype=dtype), rand(2, heads_k, 140, 64, dtype=dtype)
+    check_fwd_bwd(q, k, v, ours=sdpa(enable_gqa=True, is_causal=True), ref_kwargs=dict(causal=True),
+                  baseline=torch_math_sdpa(enable_gqa=True, is_causal=True), name=f"gqa Hk={heads_k}")
+
+
+def test_gqa_flash_attn_func():
+    q, k, v = rand(2, 120, 6, 128), rand(2, 120, 2, 128), rand(2, 120, 2, 128)
+
+    def ours(q_, k_, v_):
+        return flashattn_ext.flash_attn_func(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2)).transpose(1, 2)
+
+    check_fwd_bwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ours=ours, ref_kwargs={}, name="fa gqa")
+
+
+def test_strided_bshd_inputs():
+    """(B, S, H, D).transpose(1, 2): non-contiguous head/row strides, read in place."""
+    base = [rand(2, 150, 4, 64) for _ in range(3)]
+    q, k, v = (t.transpose(1, 2) for t in base)
+    assert not q.is_contiguous()
+    check_fwd_bwd(q, k, v, ours=sdpa(is_causal=True), ref_kwargs=dict(causal=True), name="bshd")
+
+
+def test_sliced_and_unaligned_inputs():
+    """Views whose rows are not 16-byte aligned (odd column offset) take the element-wise
+    load path; a sliced batch and a non-contiguous last dim (copied by the op layer) too."""
+    big = rand(3, 2, 100, 72)
+    q = big[:2, :, :, 3:67]            # row start 3 elements in: not 16-byte aligned
+    k = rand(2, 2, 100, 128)[..., ::2]  # last-dim stride 2: the op layer copies
+    v = rand(4, 2, 100, 64)[1:3]
+    check_fwd_bwd(q, k, v, ours=sdpa(), ref_kwargs={}, name="unaligned")
+
+
+@pytest.mark.slow
+def test_indexing_past_2_31_elements():
+    """A q/k/v view whose batch stride puts elements beyond 2^31: offsets must be 64-bit."""
+    H, L, D = 2, 64, 64
+    stride_b = 2**31 + 1024
+    need = stride_b + 3 * H * L * D + 1024
+    try:
+        buf = torch.randn(need, device=DEV, dtype=torch.bfloat16)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    views = [buf.as_strided((2, H, L, D), (stride_b, L * D, D, 1), storage_offset=i * H * L * D) for i in range(3)]
+    q, k, v = (x.detach().clone() for x in views)  # contiguous copies for the reference
+    with poison_outputs():
+        out = flashattn_ext.scaled_dot_product_attention(*views)
+    ref = reference(q.double(), k.double(), v.double())[0]
+    base = reference(q, k, v, dtype=torch.bfloat16)[0]
+    assert_close("2^31 out", out, ref, base)
+    del buf
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism
+
+
+@pytest.mark.parametrize("head_dim,causal,heads_k", [(64, False, 4), (128, True, 2), (256, False, 1)])
+def test_deterministic_backward_is_bitwise_reproducible(head_dim, causal, heads_k):
+    B, H, L, S = 2, 4, 333, 517
+    q = rand(B, H, L, head_dim, requires_grad=True)
+    k, v = rand(B, heads_k, S, head_dim, requires_grad=True), rand(B, heads_k, S, head_dim, requires_grad=True)
+    dout = rand(B, H, L, head_dim)
+    results = []
+    for _ in range(10):
+        _, g = grads_of(lambda a, b, c: flashattn_ext.scaled_dot_product_attention(
+            a, b, c, is_causal=causal, enable_gqa=True, deterministic=True), [q, k, v], dout)
+        results.append(g)
+    for g in results[1:]:
+        for a, b in zip(results[0], g):
+            assert torch.equal(a, b), "deterministic backward differs between runs"
+
+
+def test_deterministic_follows_torch_flag():
+    q, k, v = (rand(1, 2, 300, 64, requires_grad=True) for _ in range(3))
+    dout = rand(1, 2, 300, 64)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = [grads_of(lambda a, b, c: flashattn_ext.scaled_dot_product_attention(a, b, c), [q, k, v], dout)[1]
+                for _ in range(5)]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for g in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], g))
+
+
+# --------------------------------------------------------------------------------------------
+# fp32 / fp64 (SIMT path), head dims above 256
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("head_dim", [16, 64, 100, 256, 300])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_simt_float(dtype, head_dim, causal):
+    q, k, v = rand(2, 2, 70, head_dim, dtype=dtype), rand(2, 2, 95, head_dim, dtype=dtype), rand(2, 2, 95, head_dim, dtype=dtype)
+    if dtype == torch.float64:
+        # The fp64 baseline is exact: the +1e-4 term (and fp32 lse) is the whole budget.
+        check_fwd_bwd(q, k, v, ours=sdpa(is_causal=causal), ref_kwargs=dict(causal=causal), name="fp64")
+    else:
+        check_fwd_bwd(q, k, v, ours=sdpa(is_causal=causal), ref_kwargs=dict(causal=causal),
+                      baseline=torch_math_sdpa(is_causal=causal), name="fp32")
+
+
+@pytest.mark.parametrize("head_dim", [320, 512])
+def test_large_head_dim_low_precision_uses_simt(head_dim):
+    q, k, v = rand(1, 2, 60, head_dim), rand(1, 2, 80, head_dim), rand(1, 2, 80, head_dim)
+    check_fwd_bwd(q, k, v, ours=sdpa(), ref_kwargs={}, name=f"d={head_dim}")
+
+
+# --------------------------------------------------------------------------------------------
+# Masks, dropout, ALiBi, softcap, block-sparse (the "extras" kernels)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 90, 130), (2, 1, 90, 130), (90, 130), (1, 3, 1, 130)])
+@pytest.mark.parametrize("kind", ["bool", "float", "half"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_attn_mask(shape, kind, head_dim):
+    q, k, v = rand(2, 3, 90, head_dim), rand(2, 3, 130, head_dim), rand(2, 3, 130, head_dim)
+    if kind == "bool":
+        mask = torch.rand(*shape, device=DEV) > 0.4
+    else:
+        mask = torch.randn(*shape, device=DEV, dtype=torch.float32 if kind == "float" else torch.bfloat16)
+    check_fwd_bwd(q, k, v, ours=sdpa(attn_mask=mask), ref_kwargs=dict(attn_mask=mask),
+                  baseline=torch_math_sdpa(attn_mask=mask), name=f"mask {kind} {shape}")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 90, 130), (90, 130), (2, 1, 1, 130)])
+def test_attn_mask_gradient(shape):
+    q, k, v = rand(2, 3, 90, 64), rand(2, 3, 130, 64), rand(2, 3, 130, 64)
+    mask = torch.randn(*shape, device=DEV, dtype=torch.float32, requires_grad=True)
+    mask64 = mask.detach().double().requires_grad_(True)
+    with poison_outputs():
+        out = flashattn_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    dout = rand(*out.shape)
+    with poison_outputs():
+        out.backward(dout)
+    ref = reference(q.double(), k.double(), v.double(), attn_mask=mask64)[0]
+    ref.backward(dout.double())
+    mask_low = mask.detach().clone().requires_grad_(True)
+    reference(q, k, v, dtype=q.dtype, attn_mask=mask_low)[0].backward(dout)
+    assert_close("dmask", mask.grad, mask64.grad, mask_low.grad)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout_matches_keep_mask(head_dim, causal):
+    p_drop = 0.2
+    q, k, v = rand(2, 3, 150, head_dim), rand(2, 3, 170, head_dim), rand(2, 3, 170, head_dim)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    with poison_outputs():
+        out, lse, rng_state = torch.ops.flashattn_ext.fwd(*leaves, None, None, None, p_drop, None,
+                                                          -1, 0 if causal else -1, False, 0.0, 128, 128, False)
+    keep = dropout_mask(q, k, rng_state, p_drop)
+    assert 0.7 < keep.float().mean().item() < 0.9
+    ref = reference(q.double(), k.double(), v.double(), causal=causal, keep=keep, dropout_p=p_drop)[0]
+    base = reference(q, k, v, dtype=q.dtype, causal=causal, keep=keep, dropout_p=p_drop)[0]
+    assert_close("dropout out", out, ref, base)
+    # Gradients through the autograd path with the same generator state.
+    torch.manual_seed(1234)
+    torch.cuda.manual_seed(1234)
+    check_grad_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    with poison_outputs():
+        out2 = flashattn_ext.scaled_dot_product_attention(*check_grad_leaves, dropout_p=p_drop, is_causal=causal)
+    assert not torch.isnan(out2).any()
+    dout = rand(*out2.shape)
+    with poison_outputs():
+        out2.backward(dout)
+    for t in check_grad_leaves:
+        assert torch.isfinite(t.grad).all()
+
+
+def test_dropout_gradients_against_reference():
+    """Backward with dropout: the op's bwd regenerates the forward's keep mask from rng_state."""
+    p_drop = 0.25
+    q, k, v = rand(1, 2, 100, 64), rand(1, 2, 120, 64), rand(1, 2, 120, 64)
+    with poison_outputs():
+        out, lse, rng_state = torch.ops.flashattn_ext.fwd(q, k, v, None, None, None, p_drop, None, -1, -1, False, 0.0,
+                                                          128, 128, False)
+    keep = dropout_mask(q, k, rng_state, p_drop)
+    dout = rand(*out.shape)
+    with poison_outputs():
+        dq, dk, dv, _ = torch.ops.flashattn_ext.bwd(dout, q, k, v, out, lse, rng_state, None, None, None, p_drop, None,
+                                                    -1, -1, False, 0.0, 128, 128, False, False)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    reference(*leaves64, keep=keep, dropout_p=p_drop)[0].backward(dout.double())
+    leaves_low = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    reference(*leaves_low, dtype=q.dtype, keep=keep, dropout_p=p_drop)[0].backward(dout)
+    for name, g, r, b in zip("qkv", (dq, dk, dv), leaves64, leaves_low):
+        assert_close(f"dropout d{name}", g, r.grad, b.grad)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_alibi(head_dim):
+    H = 4
+    slopes = torch.rand(H, device=DEV, dtype=torch.float32) * 0.5
+    q, k, v = rand(2, H, 110, head_dim), rand(2, H, 150, head_dim), rand(2, H, 150, head_dim)
+    check_fwd_bwd(q, k, v, ours=sdpa(alibi_slopes=slopes, is_causal=True),
+                  ref_kwargs=dict(alibi=slopes, causal=True), name="alibi")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_softcap(head_dim):
+    q, k, v = rand(2, 2, 110, head_dim) * 3, rand(2, 2, 150, head_dim), rand(2, 2, 150, head_dim)
+    check_fwd_bwd(q, k, v, ours=sdpa(softcap=5.0), ref_kwargs=dict(softcap=5.0), name="softcap")
+
+
+@pytest.mark.parametrize("block", [(64, 64), (128, 128), (32, 96)])
+def test_block_sparse(block):
+    bm, bn = block
+    B, H, L, S, D = 2, 2, 300, 280, 64
+    q, k, v = rand(B, H, L, D), rand(B, H, S, D), rand(B, H, S, D)
+    nbm, nbn = -(-L // bm), -(-S // bn)
+    blocks = torch.rand(B, H, nbm, nbn, device=DEV) > 0.5
+    blocks[0, 0, 0] = False  # a fully empty query block row
+    elem = blocks.repeat_interleave(bm, 2).repeat_interleave(bn, 3)[:, :, :L, :S]
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    with poison_outputs():
+        out, lse, _ = torch.ops.flashattn_ext.fwd(q, k, v, None, None, blocks, 0.0, None, -1, -1, False, 0.0, bm, bn,
+                                                  False)
+    ref = reference(q.double(), k.double(), v.double(), attn_mask=elem)[0]
+    base = reference(q, k, v, dtype=q.dtype, attn_mask=elem)[0]
+    assert_close("block sparse", out, ref, base)
+    assert torch.all(out[0, 0, :bm] == 0)
+    del leaves
+
+
+# --------------------------------------------------------------------------------------------
+# torch integration
+
+
+def test_patch_sdpa_routes_cuda_calls():
+    q, k, v = rand(2, 4, 128, 64), rand(2, 4, 128, 64), rand(2, 4, 128, 64)
+    with flashattn_ext.patch_sdpa():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = reference(q.double(), k.double(), v.double(), causal=True)[0]
+    base = reference(q, k, v, dtype=q.dtype, causal=True)[0]
+    assert_close("patched", out, ref, base)
+
+
+def test_runs_on_current_stream_and_device_guard():
+    q, k, v = rand(1, 2, 256, 64), rand(1, 2, 256, 64), rand(1, 2, 256, 64)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        out = flashattn_ext.scaled_dot_product_attention(q, k, v)
+    s.synchronize()
+    ref = flashattn_ext.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out, ref)
