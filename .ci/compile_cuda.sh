@@ -3,7 +3,8 @@
 # without a GPU: nvcc -c with the flags setup.py uses, 2 jobs at a time, `-Xptxas -v`.
 # Writes the full ptxas report to $1 (default build/ptxas_report.txt) and a per-kernel summary
 # (registers, spill stores/loads, stack, dynamic shared memory) to $1.summary and stdout.
-# Fails on any compile error, and if a forward kernel for head dims <= 128 spills.
+# Fails on any compile error, if a forward kernel for head dims <= 128 spills, or if the NumPy
+# model of the fragment addressing (csrc/cuda/tools/check_fragments.py) disagrees.
 #
 #   FLASHATTN_CI_ARCHS="80 90"   architectures (default: both)
 #   FLASHATTN_CI_JOBS=2          parallel nvcc processes
@@ -48,6 +49,16 @@ compile_one() {  # $1 = file, $2 = arch
   fi
 }
 export -f compile_one
+
+# The fragment / swizzle index math, checked on the CPU against a NumPy model (~10 s).
+if python3 -c "import numpy" 2>/dev/null; then
+  python3 csrc/cuda/tools/check_fragments.py >"$WORK/fragments.log" 2>&1 || {
+    cat "$WORK/fragments.log" >&2
+    echo "compile_cuda.sh: fragment model check failed" >&2
+    exit 1
+  }
+  echo "fragment model check: ok ($(grep -c ok "$WORK/fragments.log") tile configurations)"
+fi
 
 mapfile -t FILES < <(find csrc/cuda -name '*.cu' | sort)
 echo "compile_cuda.sh: ${#FILES[@]} translation units x archs [$ARCHS], $JOBS jobs"

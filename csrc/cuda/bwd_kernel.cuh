@@ -279,10 +279,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
 #pragma unroll
         for (int nt = 0; nt < Traits::kDqChunk / 8; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = dq_row0 + g + 8 * (e / 2);
-            const int col = 16 * (pair_begin + kGroupsDq * (nt / 2) + dq_group) + 8 * (nt % 2) + 2 * t + (e % 2);
-            if (m0 + row < p.seqlen_q) atomicAdd(dq_accum + static_cast<int64_t>(row) * kHeadDim + col, acc_dq[0][nt][e]);
+          for (int half = 0; half < 2; ++half) {
+            const int row = dq_row0 + g + 8 * half;
+            const int col = 16 * (pair_begin + kGroupsDq * (nt / 2) + dq_group) + 8 * (nt % 2) + 2 * t;
+            if (m0 + row < p.seqlen_q)
+              red_add_f32x2(dq_accum + static_cast<int64_t>(row) * kHeadDim + col, acc_dq[0][nt][2 * half],
+                            acc_dq[0][nt][2 * half + 1]);
           }
       }
     }

@@ -232,8 +232,10 @@ cudaError_t run_bwd(const AttentionGradParams& params, void* workspace, cudaStre
   p.dq_accum = static_cast<float*>(workspace);
   p.dq_semaphore = p.deterministic ? reinterpret_cast<int32_t*>(static_cast<char*>(workspace) + w.dq_accum_bytes)
                                    : nullptr;
-  err = cudaMemsetAsync(workspace, 0, w.dq_accum_bytes + w.semaphore_bytes, stream);
-  if (err != cudaSuccess) return err;
+  if (w.dq_accum_bytes + w.semaphore_bytes > 0) {
+    err = cudaMemsetAsync(workspace, 0, w.dq_accum_bytes + w.semaphore_bytes, stream);
+    if (err != cudaSuccess) return err;
+  }
   LaunchOptions opt;
   opt.vectorized = bwd_vectorized(p);
   opt.extras = has_extras(p);

@@ -74,6 +74,20 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// Fire-and-forget fp32 additions to global memory (RED, no value returned). sm90 adds two
+// adjacent floats (8-byte aligned) in one instruction.
+__device__ __forceinline__ void red_add_f32(float* ptr, float v) {
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(ptr), "f"(v) : "memory");
+}
+__device__ __forceinline__ void red_add_f32x2(float* ptr, float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(ptr), "f"(lo), "f"(hi) : "memory");
+#else
+  red_add_f32(ptr, lo);
+  red_add_f32(ptr + 1, hi);
+#endif
+}
+
 // 2^x with the MUFU unit whatever the compile flags (exp2(-inf) = 0).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
