@@ -379,12 +379,12 @@ def test_module_entry_point():
 
 # ----------------------------------------------------------------------------- measure
 FAKE_NCU_CSV = '''==PROF== Connected to process 4242 (/usr/bin/python3.11)
-==PROF== Profiling "flashattn_fwd_kernel": 0%....50%....100% - 9 passes
+==PROF== Profiling "fwd_kernel": 0%....50%....100% - 9 passes
 "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","dram__bytes_read.sum","dram__bytes_write.sum","l1tex__t_bytes_pipe_lsu_mem_global_op_ld.sum","launch__grid_size","launch__shared_mem_per_block_dynamic","launch__shared_mem_per_block_static","lts__t_sectors_op_read.sum","lts__t_sectors_op_write.sum"
 "","","","","","","","","","","","byte","byte","byte","","byte","byte","sector","sector"
-"0","4242","python3.11","127.0.0.1","void flashattn::flashattn_fwd_kernel<128, 64, 128>(flashattn::AttentionParams)","1","7","(128, 1, 1)","(32, 16, 1)","0","9.0","38,012,928","16,908,288","0","512","65,536","0","2,212,000","528,384"
-"1","4242","python3.11","127.0.0.1","void flashattn::flashattn_bwd_kernel<128, 64, 128>(flashattn::AttentionParams)","1","7","(256, 1, 1)","(64, 16, 1)","0","9.0","60,000,000","50,000,000","0","1024","98,304","0","9,000,000","3,000,000"
-"2","4242","python3.11","127.0.0.1","void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>(Flash_fwd_params)","1","7","(128, 1, 1)","(32, 16, 1)","0","9.0","37,748,736","16,777,216","0","512","49,152","0","2,100,000","524,288"
+"0","4242","python3.11","127.0.0.1","void flashattn::cuda::fwd_kernel<flashattn::cuda::FwdTraits<__nv_bfloat16, 128, 128, 64, 4, false>>(flashattn::AttentionParams, bool)","1","7","(128, 1, 1)","(32, 16, 1)","0","9.0","38,012,928","16,908,288","0","512","65,536","0","34,603,008","528,384"
+"1","4242","python3.11","127.0.0.1","void flashattn::cuda::bwd_kernel<flashattn::cuda::BwdTraits<__nv_bfloat16, 128, 64, 128, 8, 4, 8, false>>(flashattn::AttentionGradParams, bool)","1","7","(256, 1, 1)","(32, 16, 1)","0","9.0","60,000,000","50,000,000","0","512","164,864","0","70,000,000","3,000,000"
+"2","4242","python3.11","127.0.0.1","void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>(Flash_fwd_params)","1","7","(128, 1, 1)","(32, 16, 1)","0","9.0","37,748,736","16,777,216","0","512","49,152","0","34,603,008","524,288"
 "3","4242","python3.11","127.0.0.1","void pytorch_flash::flash_bwd_dot_do_o_kernel<true>(Flash_bwd_params)","1","7","(128, 1, 1)","(32, 16, 1)","0","9.0","33,554,432","262,144","0","512","0","0","1,048,576","8,192"
 ==PROF== Disconnected from process 4242
 '''
@@ -396,9 +396,10 @@ def test_parse_ncu_csv():
     assert [k.origin for k in ks] == ["flashattn_ext", "flashattn_ext", "torch", "torch"]
     fwd = ks[0]
     assert fwd.smem_bytes == 65536 and fwd.grid == 512
-    assert fwd.dram_read == 38_012_928 and fwd.l2_read == 2_212_000 * 32
+    assert fwd.dram_read == 38_012_928 and fwd.l2_read == 34_603_008 * 32
     text = measure.report(ks, 4096, 128, 16)
-    assert "flashattn_fwd_kernel" in text and "L2 / model" in text
+    assert "| flashattn::cuda::fwd_kernel | fwd |" in text and "L2 / model" in text
+    assert measure.short_name(ks[2].name) == "pytorch_flash::flash_fwd_kernel"
     # the model with the kernel's row block (4096 / 32 = 128 rows per CTA), in bytes, all heads
     assert measure.kernel_tile_bytes("fwd", 4096, 128, 512, 16) == 2 * 16 * bounds.flash2_io(4096, 128, 128, 1).io_words
     assert measure.model_bytes("fwd", 4096, 128, 65536, 16) == 2 * 16 * predict("flash2", 4096, 128, 32768).io_words

@@ -37,7 +37,9 @@ METRICS = (
     "launch__shared_mem_per_block_static",
     "launch__grid_size",
 )
-KERNEL_FILTER = "regex:flashattn|flash_fwd|flash_bwd"
+# Matched against demangled names: ours live in namespace flashattn:: (fwd_kernel, bwd_kernel,
+# bwd_preprocess_kernel, dq_convert_kernel); torch's are pytorch_flash::flash_fwd_kernel/flash_bwd_*.
+KERNEL_FILTER = "regex:flashattn::|flash_fwd|flash_bwd"
 SECTOR_BYTES = 32
 ELEMENT_BYTES = 2  # bf16 tensors; the model counts words of this size
 
@@ -107,14 +109,14 @@ class KernelMeasurement:
 
     @property
     def origin(self) -> str:
-        return "flashattn_ext" if "flashattn" in self.name else "torch"
+        return "flashattn_ext" if "flashattn::" in self.name else "torch"
 
     @property
     def role(self) -> str:
         n = self.name.lower()
-        if "dot_do_o" in n:
+        if "dot_do_o" in n or "preprocess" in n:
             return "bwd D = rowsum(dO*O)"
-        if "convert_dq" in n:
+        if "convert" in n:
             return "bwd dQ convert"
         if "bwd" in n or "backward" in n:
             return "bwd"
@@ -223,14 +225,24 @@ def report(measurements, seqlen, headdim, batch_heads) -> str:
         ref = ktile or pred
         ratio_l2 = f"{k.l2_read / ref:.2f}" if ref else "-"
         ratio_dram = f"{(k.dram_read + k.dram_write) / ref:.2f}" if ref else "-"
-        name = k.name if len(k.name) <= 48 else k.name[:45] + "..."
+        name = short_name(k.name)
         lines.append(
-            f"| {name} ({k.origin}) | {k.role} | {k.smem_bytes:,} B | {k.smem_bytes // ELEMENT_BYTES:,} | "
+            f"| {name} | {k.role} | {k.smem_bytes:,} B | {k.smem_bytes // ELEMENT_BYTES:,} | "
             f"{_mb(pred)} | {_mb(ktile)} | {_mb(k.l2_read)} | {_mb(k.dram_read)} | {_mb(k.dram_write)} | "
             f"{ratio_l2} | {ratio_dram} |")
     compulsory = 4 * seqlen * headdim * ELEMENT_BYTES * batch_heads
     lines.append(f"compulsory forward traffic (Q, K, V read once, O written once): {_mb(compulsory)}")
     return "\n".join(lines)
+
+
+def short_name(name: str) -> str:
+    """'void ns::kernel<...>(args)' -> 'ns::kernel'."""
+    n = name.strip()
+    if n.startswith("void "):
+        n = n[5:]
+    for stop in "<(":
+        n = n.split(stop, 1)[0]
+    return n
 
 
 def _mb(x) -> str:
@@ -255,7 +267,8 @@ def detect(ncu_path: str | None = None):
 
 def ncu_command(ncu: str, driver: str, seqlen: int, headdim: int, heads: int, batch: int) -> list[str]:
     return [ncu, "--csv", "--page", "raw", "--print-units", "base", "--clock-control", "none",
-            "--metrics", ",".join(METRICS), "--kernel-name", KERNEL_FILTER, "--target-processes", "all",
+            "--metrics", ",".join(METRICS), "--kernel-name-base", "demangled", "--kernel-name", KERNEL_FILTER,
+            "--target-processes", "all",
             sys.executable, driver, "--seqlen", str(seqlen), "--headdim", str(headdim),
             "--heads", str(heads), "--batch", str(batch)]
 
