@@ -5,12 +5,14 @@ backends and FlexAttention (torch.compile), in the same run.
 The field's sweep (FlashAttention papers): bf16, hidden size 2048 (H = 2048 / D), B * S = 16k
 tokens, S from 512 to 16k, head dims 64 / 128 / 256, causal and not. FLOPs: forward 4 B H L S D
 (halved for causal), backward 2.5 x forward, forward + backward 3.5 x forward.
-Times are medians of CUDA-event timings (triton.testing.do_bench when triton is present) over
-rotating input sets; peak memory is max_memory_allocated above the inputs during forward +
-backward.
+Times are medians of CUDA-event timings over rotating input sets (the first calls, FlexAttention's
+compilation included, are untimed warmup); peak memory is max_memory_allocated above the inputs
+during one forward + backward.
 
-Writes <out>/<gpu-slug>/bench_attention.{csv,json,png} (the JSON records the GPU, torch and CUDA
-versions and the command line) and prints a table and the ratios against FLASH and CUDNN.
+Writes <out>/<gpu-slug>/bench_attention[_<tag>].{csv,json,png} (the JSON records the GPU, torch
+and CUDA versions and the command line; the tag names a subset: _quick, _d128, ...) and prints a
+table and the ratios against FLASH and CUDNN. FlexAttention compiles once per shape (~10-30 s
+each), so the full sweep is best run one head dim per call (--headdims 128) on a time limit.
 
     python benchmarks/bench_attention.py                 # full sweep (~5 min on an H100)
     python benchmarks/bench_attention.py --quick         # D=128, S in {1k, 8k}, non-causal
@@ -20,7 +22,6 @@ import argparse
 import csv
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -65,21 +66,17 @@ def flops(b, h, s, d, causal, mode):
 
 
 def median_ms(fn, warmup, reps):
-    try:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=reps, return_mode="median"))
-    except Exception:  # noqa: BLE001 - no triton, or an older signature
-        pass
+    """Median of `reps` CUDA-event timings after `warmup` untimed calls (counts, not ms)."""
     for _ in range(warmup):
         fn()
+    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
+        end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
@@ -300,7 +297,8 @@ def main(argv=None):
         cells = " ".join(f"{m}={r[m]:.2f}" for m in modes + ["peak_mem_mb"] if m in r)
         print(f"  d={r['headdim']} S={r['seqlen']} causal={r['causal']} vs {r['vs']}: {cells}")
 
-    base = os.path.join(out_dir, "bench_attention")
+    tag = "_quick" if args.quick else ("" if args.headdims == "64,128,256" else "_d" + args.headdims.replace(",", "-"))
+    base = os.path.join(out_dir, "bench_attention" + tag)
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("headdim", "seqlen", "batch", "heads",
                                                                            "causal", "backend"), k))
     with open(base + ".csv", "w", newline="") as f:

@@ -121,7 +121,9 @@ def grads_of(fn, inputs, dout):
 def check_fwd_bwd(q, k, v, dout=None, *, ours, ref_kwargs, name="", check_grad=True, baseline=None):
     """Runs `ours(q, k, v)` (poisoned outputs), the fp64 reference and the same-dtype baseline,
     compares the outputs and the gradients."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    # detach() keeps the exact strides and storage offset (clone() would make gapped views
+    # contiguous and hide the strided / unaligned paths under test).
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     with poison_outputs():
         out = ours(*leaves)
     dout = rand(*out.shape, dtype=q.dtype) if dout is None else dout
