@@ -101,6 +101,44 @@ class FlashAttentionFunction : public torch::autograd::Function<FlashAttentionFu
   }
 };
 
+// flashattn_ext::bwd under autograd (create_graph=True): its results can be used, but
+// differentiating them again is refused with a clear error instead of silently giving zeros.
+class FlashAttentionBackwardFunction : public torch::autograd::Function<FlashAttentionBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                               const at::Tensor& rng_state, const OptTensor& attn_mask, const OptTensor& alibi_slopes,
+                               const OptTensor& block_mask, double dropout_p, std::optional<double> scale,
+                               int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                               int64_t sparse_block_m, int64_t sparse_block_n, bool deterministic, bool mask_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dq, dk, dv, dmask] =
+        call_bwd(grad_out, q, k, v, out, lse, rng_state, attn_mask, alibi_slopes, block_mask, dropout_p, scale,
+                 window_left, window_right, bottom_right, softcap, sparse_block_m, sparse_block_n, deterministic,
+                 mask_grad);
+    return {dq, dk, dv, dmask};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "flashattn_ext: double backward (a gradient of the attention gradients) is not supported; "
+                "use torch.nn.functional.scaled_dot_product_attention's math backend for higher-order gradients");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_autograd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rng_state, const OptTensor& attn_mask, const OptTensor& alibi_slopes,
+    const OptTensor& block_mask, double dropout_p, std::optional<double> scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double softcap, int64_t sparse_block_m, int64_t sparse_block_n,
+    bool deterministic, bool mask_grad) {
+  auto outs = FlashAttentionBackwardFunction::apply(grad_out, q, k, v, out, lse, rng_state, attn_mask, alibi_slopes,
+                                                    block_mask, dropout_p, scale, window_left, window_right,
+                                                    bottom_right, softcap, sparse_block_m, sparse_block_n,
+                                                    deterministic, mask_grad);
+  return {outs[0], outs[1], outs[2], outs[3]};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const OptTensor& attn_mask,
                                                             const OptTensor& alibi_slopes, const OptTensor& block_mask,
@@ -117,4 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q,
 }  // namespace
 }  // namespace flashattn
 
-TORCH_LIBRARY_IMPL(flashattn_ext, Autograd, m) { m.impl("fwd", &flashattn::fwd_autograd); }
+TORCH_LIBRARY_IMPL(flashattn_ext, Autograd, m) {
+  m.impl("fwd", &flashattn::fwd_autograd);
+  m.impl("bwd", &flashattn::bwd_autograd);
+  m.impl("dropout_mask", torch::CppFunction::makeFallthrough());
+}

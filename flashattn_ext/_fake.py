@@ -4,6 +4,17 @@ calls without graph breaks. They mirror the allocation rules of csrc/ops.cpp exa
 import torch
 
 
+def _check_devices(q, k, v, **optional):
+    # The dispatcher sends a call with any meta tensor here, so the device check of csrc/ops.cpp is
+    # repeated: a mix of meta and real tensors must fail as it does in C++.
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"flashattn_ext: query, key and value must be on the same device, got query on "
+                         f"{q.device}, key on {k.device}, value on {v.device}")
+    for name, t in optional.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"flashattn_ext: {name} must be on the query's device ({q.device}), got {t.device}")
+
+
 def _out_like_query(q, headdim_v):
     # csrc/ops.cpp allocate_out: O follows a (B, S, H, D)-laid query seen as (B, H, S, D).
     if q.dim() == 4 and q.shape[1] > 1 and q.shape[2] > 1 and q.stride(1) < q.stride(2):
@@ -23,6 +34,7 @@ def _grad_like(x):
 def _fwd_fake(q, k, v, attn_mask=None, alibi_slopes=None, block_mask=None, dropout_p=0.0, scale=None,
               window_left=-1, window_right=-1, bottom_right=False, softcap=0.0, sparse_block_m=128,
               sparse_block_n=128, deterministic=False):
+    _check_devices(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, block_mask=block_mask)
     out = _out_like_query(q, v.shape[-1])
     lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     rng_state = q.new_empty((2,), dtype=torch.int64)
@@ -33,6 +45,7 @@ def _fwd_fake(q, k, v, attn_mask=None, alibi_slopes=None, block_mask=None, dropo
 def _bwd_fake(grad_out, q, k, v, out, lse, rng_state, attn_mask=None, alibi_slopes=None, block_mask=None,
               dropout_p=0.0, scale=None, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
               sparse_block_m=128, sparse_block_n=128, deterministic=False, mask_grad=False):
+    _check_devices(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, block_mask=block_mask)
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty((0,))
     return _grad_like(q), _grad_like(k), _grad_like(v), dmask
 

@@ -10,6 +10,13 @@ import torch.nn.functional as F
 from ._api import scaled_dot_product_attention as _ours
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tracing_tensor_types():
+    # torch.compile traces with these wrappers: they reach our op, whose fake kernel handles them.
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    return (torch.Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
 _lock = threading.Lock()
 _warned = set()
 
@@ -26,7 +33,7 @@ def unsupported_reason(query, key, value, attn_mask=None):
     for t in tensors:
         if t.is_nested:
             return "nested (jagged) tensors"
-        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        if type(t) not in _tracing_tensor_types():
             return f"tensor subclass {type(t).__name__}"
     device = query.device if isinstance(query, torch.Tensor) else None
     if device is not None and device.type not in ("cpu", "cuda"):

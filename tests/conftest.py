@@ -1,0 +1,45 @@
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import flashattn_ext  # noqa: E402
+from flashattn_ext.testing import poison_outputs  # noqa: E402
+
+# Tolerances against the float64 reference, per dtype, relative to the reference's magnitude:
+# |ours - ref| <= atol * max(1, max|ref|) elementwise-max. fp32 runs an approximate exp (20 ulp);
+# bf16/fp16 round their inputs and P, dS (as tensor-core kernels do) and accumulate in fp32.
+TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 5e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.5e-2,
+}
+
+
+def scaled_err(x, ref):
+    ref = ref.double()
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item() if ref.numel() else 0.0
+
+
+def assert_close(x, ref, dtype, what=""):
+    assert not torch.isnan(x).any(), f"{what}: NaN in result (an element left unwritten?)"
+    err = scaled_err(x, ref)
+    assert err <= TOL[dtype], f"{what}: error {err:.3e} > tolerance {TOL[dtype]:.1e} for {dtype}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed_and_poison(request):
+    """Fresh random inputs per test (seeded by test name for reproducibility); outputs poisoned."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    with poison_outputs():
+        yield
+
+
+def rand(*shape, dtype=torch.float32, requires_grad=False, device="cpu"):
+    t = torch.randn(*shape, dtype=torch.float32, device=device).to(dtype)
+    return t.requires_grad_(requires_grad)

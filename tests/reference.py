@@ -1,0 +1,68 @@
+"""Float64 reference attention, written out with explicit matmuls (not torch's SDPA), covering every
+feature of the extension. Gradients come from autograd through it."""
+
+import math
+
+import torch
+
+
+def band_mask(L, S, window_left=-1, window_right=-1, bottom_right=False, device="cpu"):
+    """True where query i may see key j: i + diag - left <= j <= i + diag + right (-1 = unbounded)."""
+    diag = S - L if bottom_right else 0
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    ok = torch.ones(L, S, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        ok &= j >= i + diag - window_left
+    if window_right >= 0:
+        ok &= j <= i + diag + window_right
+    return ok
+
+
+def reference_attention(q, k, v, attn_mask=None, *, scale=None, causal=False, bottom_right=False,
+                        window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_keep=None, dropout_p=0.0,
+                        block_mask=None, block_size=(128, 128)):
+    """q (..., Hq, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev) in float64 -> (out, lse).
+    Fully masked rows give out = 0 and lse = -inf (their gradients are 0)."""
+    q, k, v = q.double(), k.double(), v.double()
+    L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
+    if q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+        group = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(group, dim=-3)
+        v = v.repeat_interleave(group, dim=-3)
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        i = torch.arange(L, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
+        dist = (i + S - L - j).abs().double()
+        slopes = alibi_slopes.double()
+        s = s - slopes[..., None, None] * dist
+    visible = torch.ones(s.shape, dtype=torch.bool, device=q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask
+        else:
+            s = s + attn_mask.double()
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    visible = visible & band_mask(L, S, left, right, bottom_right, q.device)
+    if block_mask is not None:
+        bm, bn = block_size
+        expanded = block_mask.bool().repeat_interleave(bm, dim=-2)[..., :L, :].repeat_interleave(bn, dim=-1)[..., :S]
+        visible = visible & expanded
+    s = s.masked_fill(~visible, float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True)
+    empty = torch.isneginf(row_max)
+    shifted = torch.where(empty, torch.zeros_like(s), s - torch.where(empty, torch.zeros_like(row_max), row_max))
+    e = torch.exp(shifted).masked_fill(~torch.isfinite(s), 0.0)
+    denom = e.sum(dim=-1, keepdim=True)
+    p = torch.where(denom > 0, e / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(e))
+    lse = torch.where(empty.squeeze(-1), torch.full_like(row_max.squeeze(-1), float("-inf")),
+                      row_max.squeeze(-1) + torch.log(torch.where(denom > 0, denom, torch.ones_like(denom)).squeeze(-1)))
+    if dropout_keep is not None:
+        p = p * dropout_keep.double() / (1.0 - dropout_p) if dropout_p < 1 else torch.zeros_like(p)
+    return p @ v, lse
