@@ -19,13 +19,14 @@ namespace flashattn::cuda {
 //   d=256: 8 warps, block_n  64: O 128 + S 32       smem (128 + 2*64)  * 256 * 2 = 128 KB
 //
 // The extras kernel (masks, dropout, ALiBi, softcap, block mask) gives each warp 16 rows
-// (block_m 64, 4 warps): half the accumulators, room for the per-element paths.
+// (block_m 64, 4 warps): half the accumulators, room for the per-element paths; block_n 64
+// (d <= 128), 32 (d = 192), 16 (d = 256: O alone is 128 registers; at 32 ptxas spilled 140 B).
 template <typename Element, int kHeadDim>
 struct FwdConfig {
   static constexpr int kBlockN = kHeadDim <= 32 ? 128 : 64;
   static constexpr int kWarps = kHeadDim <= 128 ? 4 : 8;
   using Traits = FwdTraits<Element, kHeadDim, 128, kBlockN, kWarps, false>;
-  using TraitsExtras = FwdTraits<Element, kHeadDim, 64, kHeadDim <= 128 ? 64 : 32, 4, true>;
+  using TraitsExtras = FwdTraits<Element, kHeadDim, 64, kHeadDim <= 128 ? 64 : (kHeadDim <= 192 ? 32 : 16), 4, true>;
 };
 
 // Backward: a CTA owns block_n keys (8 warps), loops over query blocks of block_m = 64.

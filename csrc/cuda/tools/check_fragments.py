@@ -128,7 +128,7 @@ def check(out, Ref):
     return len(out)
 
 # ---- forward: S = Q K^T (warp rows warp_row0), O = P V with P from registers
-for D, BM, BN, NW in [(32,128,128,4),(64,128,64,4),(96,128,64,4),(128,128,64,4),(192,128,64,8),(256,128,64,8),(96,64,64,4),(256,64,32,4)]:
+for D, BM, BN, NW in [(32,128,128,4),(64,128,64,4),(96,128,64,4),(128,128,64,4),(192,128,64,8),(256,128,64,8),(96,64,64,4),(192,64,32,4),(256,64,16,4),(32,64,64,4)]:
     TQ, TK = Tile(BM, D), Tile(BN, D)
     Q, K, V = rng.standard_normal((BM, D)), rng.standard_normal((BN, D)), rng.standard_normal((BN, D))
     sm = Smem(); qb, kb = 0, BM*D*2; vb = kb + BN*D*2
