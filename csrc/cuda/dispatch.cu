@@ -64,22 +64,26 @@ int select_bucket(const AttentionParams& p) {
 }
 
 template <int kHeadDim>
-constexpr int max_smem_bytes() {
+constexpr int fwd_smem_bytes() {
   using Fwd = FwdConfig<__half, kHeadDim>;
-  using Bwd = BwdConfig<__half, kHeadDim>;
-  int m = Fwd::Traits::kSmemBytes;
-  if (Fwd::TraitsExtras::kSmemBytes > m) m = Fwd::TraitsExtras::kSmemBytes;
-  if (Bwd::Traits::kSmemBytes > m) m = Bwd::Traits::kSmemBytes;
-  return m;
+  return Fwd::Traits::kSmemBytes > Fwd::TraitsExtras::kSmemBytes ? Fwd::Traits::kSmemBytes
+                                                                  : Fwd::TraitsExtras::kSmemBytes;
 }
-int smem_needed(int bucket) {
+template <int kHeadDim>
+constexpr int bwd_smem_bytes() {
+  using Bwd = BwdConfig<__half, kHeadDim>;
+  return Bwd::Traits::kSmemBytes > Bwd::TraitsExtras::kSmemBytes ? Bwd::Traits::kSmemBytes
+                                                                  : Bwd::TraitsExtras::kSmemBytes;
+}
+// Shared memory per CTA the bucket's kernels of one direction need.
+int smem_needed(int bucket, bool backward) {
   switch (bucket) {
-    case 32: return max_smem_bytes<32>();
-    case 64: return max_smem_bytes<64>();
-    case 96: return max_smem_bytes<96>();
-    case 128: return max_smem_bytes<128>();
-    case 192: return max_smem_bytes<192>();
-    default: return max_smem_bytes<256>();
+    case 32: return backward ? bwd_smem_bytes<32>() : fwd_smem_bytes<32>();
+    case 64: return backward ? bwd_smem_bytes<64>() : fwd_smem_bytes<64>();
+    case 96: return backward ? bwd_smem_bytes<96>() : fwd_smem_bytes<96>();
+    case 128: return backward ? bwd_smem_bytes<128>() : fwd_smem_bytes<128>();
+    case 192: return backward ? bwd_smem_bytes<192>() : fwd_smem_bytes<192>();
+    default: return backward ? bwd_smem_bytes<256>() : fwd_smem_bytes<256>();
   }
 }
 
@@ -180,22 +184,41 @@ cudaError_t launch_bwd_bucket(int bucket, const AttentionGradParams& p, const La
 
 int bwd_block_m(int /*head_dim_bucket*/) { return 64; }  // BwdConfig: block_m = 64 for every bucket
 
-const char* fwd_unsupported_reason(const AttentionParams& p, int sm_major, int /*sm_minor*/) {
+namespace {
+
+// Shared by both directions: everything but the shared-memory budget.
+const char* tensor_core_unsupported_reason(const AttentionParams& p, int sm_major) {
   if (p.dtype == DType::kFloat32) return "float32 has no tensor-core kernel; it runs on the SIMT path";
   if (p.dtype == DType::kFloat64) return "float64 has no tensor-core kernel; it runs on the SIMT path";
   if (sm_major < 8) return "the tensor-core kernels need sm80 or newer (mma.sync bf16, cp.async)";
   if (!dtype_compiled(p.dtype)) return "this dtype's tensor-core kernels were not compiled (FLASHATTN_CUDA_DTYPES)";
   if (p.headdim > 256 || p.headdim_v > 256) return "head dim > 256 has no tensor-core kernel";
-  const int bucket = select_bucket(p);
-  if (bucket == 0) return "no compiled head-dim bucket is large enough (FLASHATTN_CUDA_HEADDIMS)";
-  const int optin = device_smem_optin();
-  if (optin > 0 && smem_needed(bucket) > optin)
-    return "the device has too little shared memory per block for this head dim's tensor-core kernels";
+  if (select_bucket(p) == 0) return "no compiled head-dim bucket is large enough (FLASHATTN_CUDA_HEADDIMS)";
   return nullptr;
 }
 
-size_t bwd_workspace_bytes(const AttentionGradParams& p, int sm_major, int sm_minor) {
-  if (fwd_unsupported_reason(p, sm_major, sm_minor) != nullptr) return 0;
+// The backward's tiles are larger than the forward's: a GPU with ~100 KB of shared memory per
+// block (sm86, sm89, sm120) runs the tensor-core forward and the SIMT backward for d >= 96.
+const char* bwd_unsupported_reason(const AttentionParams& p, int sm_major) {
+  if (const char* why = tensor_core_unsupported_reason(p, sm_major)) return why;
+  const int optin = device_smem_optin();
+  if (optin > 0 && smem_needed(select_bucket(p), /*backward=*/true) > optin)
+    return "the device has too little shared memory per block for this head dim's tensor-core backward";
+  return nullptr;
+}
+
+}  // namespace
+
+const char* fwd_unsupported_reason(const AttentionParams& p, int sm_major, int /*sm_minor*/) {
+  if (const char* why = tensor_core_unsupported_reason(p, sm_major)) return why;
+  const int optin = device_smem_optin();
+  if (optin > 0 && smem_needed(select_bucket(p), /*backward=*/false) > optin)
+    return "the device has too little shared memory per block for this head dim's tensor-core forward";
+  return nullptr;
+}
+
+size_t bwd_workspace_bytes(const AttentionGradParams& p, int sm_major, int /*sm_minor*/) {
+  if (bwd_unsupported_reason(p, sm_major) != nullptr) return 0;
   const BwdWorkspace w = bwd_workspace(p, select_bucket(p));
   return w.dq_accum_bytes + w.semaphore_bytes;
 }
@@ -219,12 +242,12 @@ cudaError_t run_fwd(const AttentionParams& p, cudaStream_t stream, int sm_major,
 }
 
 cudaError_t run_bwd(const AttentionGradParams& params, void* workspace, cudaStream_t stream, int sm_major,
-                    int sm_minor) {
+                    int /*sm_minor*/) {
   cudaError_t err = run_bwd_preprocess(params, stream);
   if (err != cudaSuccess) return err;
   err = zero_dmask(params, stream);
   if (err != cudaSuccess) return err;
-  if (fwd_unsupported_reason(params, sm_major, sm_minor) != nullptr) return run_simt_bwd(params, stream);
+  if (bwd_unsupported_reason(params, sm_major) != nullptr) return run_simt_bwd(params, stream);
 
   AttentionGradParams p = params;
   const int bucket = select_bucket(p);
