@@ -410,6 +410,24 @@ def test_attn_mask(shape, kind, head_dim):
                   baseline=torch_math_sdpa(attn_mask=mask), name=f"mask {kind} {shape}")
 
 
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attn_mask_with_empty_tiles(kind, head_dim):
+    """A causal mask given as attn_mask (as many models do) and a float mask with -inf blocks:
+    the tiles it removes entirely are skipped, the others masked element by element."""
+    L = S = 333
+    q, k, v = rand(2, 2, L, head_dim), rand(2, 2, S, head_dim), rand(2, 2, S, head_dim)
+    causal = torch.ones(L, S, dtype=torch.bool, device=DEV).tril()
+    if kind == "bool":
+        mask = causal
+    else:
+        mask = torch.randn(L, S, device=DEV).masked_fill(~causal, float("-inf"))
+        mask[:, 200:] = float("-inf")
+        mask[:, 0] = 0.0  # every row keeps a key
+    check_fwd_bwd(q, k, v, ours=sdpa(attn_mask=mask), ref_kwargs=dict(attn_mask=mask),
+                  baseline=torch_math_sdpa(attn_mask=mask), name=f"mask tiles {kind}")
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 90, 130), (90, 130), (2, 1, 1, 130)])
 def test_attn_mask_gradient(shape):
     q, k, v = rand(2, 3, 90, 64), rand(2, 3, 130, 64), rand(2, 3, 130, 64)

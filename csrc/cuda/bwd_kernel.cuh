@@ -178,7 +178,21 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
     const float* s_lse = s_lse_base + stage * kBlockM;
     const float* s_delta = s_delta_base + stage * kBlockM;
     const ScoreMods mods(p, b, h);
-    const bool skip = kExtras && mods.tile_skipped(p, m0, m_last, n0, n_last);
+    bool skip = kExtras && mods.tile_skipped(p, m0, m_last, n0, n_last);
+    if (kExtras && p.mask_kind != MaskKind::kNone && !skip) {
+      // A tile the attn_mask removes entirely (all false / -inf) contributes nothing.
+      bool any = false;
+#pragma unroll
+      for (int mt = 0; mt < Traits::kSMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < Traits::kSNT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int64_t i = m0 + s_query0 + 8 * nt + 2 * t + (e % 2), j = n0 + s_key0 + 16 * mt + g + 8 * (e / 2);
+            if (i < p.seqlen_q && j < p.seqlen_k) any = any || mods.mask_allows(p, i, j);
+          }
+      skip = !__syncthreads_or(any);
+    }
 
     if (!skip) {
       // dP^T = V dO^T, then S^T = K Q^T (this order keeps the softcap derivative out of registers).

@@ -127,7 +127,21 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
     load_v(n_block);
     cp_async_commit();
 
-    const bool skip = kExtras && mods.tile_skipped(p, m0, m_last, n0, n0 + kBlockN - 1);
+    bool skip = kExtras && mods.tile_skipped(p, m0, m_last, n0, n0 + kBlockN - 1);
+    if (kExtras && p.mask_kind != MaskKind::kNone && !skip) {
+      // A tile the attn_mask removes entirely (all false / -inf) skips both products.
+      bool any = false;
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kScoreNT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * (e / 2), j = n0 + 8 * nt + 2 * t + (e % 2);
+            if (i < p.seqlen_q && j < p.seqlen_k) any = any || mods.mask_allows(p, i, j);
+          }
+      skip = !__syncthreads_or(any);
+    }
     uint32_t p_frag[kMT][kScoreNT / 2][4];
     if (!skip) {
       // S = Q K_j^T

@@ -105,6 +105,14 @@ struct ScoreMods {
     return true;
   }
 
+  // Whether the attn_mask lets (i, j) take part at all (bool true, or a float other than -inf).
+  __device__ __forceinline__ bool mask_allows(const AttentionParams& p, int64_t i, int64_t j) const {
+    if (p.mask_kind == MaskKind::kNone) return true;
+    if (p.mask_kind == MaskKind::kBool)
+      return static_cast<const uint8_t*>(p.mask)[mask_base + i * p.mask_row_stride + j * p.mask_col_stride] != 0;
+    return mask_value<float>(p, i, j) != -INFINITY;
+  }
+
   // True if every element of rows [m0, m_last] x keys [n0, n_last] lies inside the band and the
   // key bound, so the tile needs no element masking for the band.
   __device__ __forceinline__ bool tile_inside_band(const AttentionParams& p, int64_t m0, int64_t m_last, int64_t n0, int64_t n_last) const {
