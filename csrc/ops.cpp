@@ -368,6 +368,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
     return {out, lse, rng_state};
   }
 #ifdef FLASHATTN_WITH_CUDA
+  if (p.lse64) {  // the CUDA kernels write a float lse; fp64 callers get it widened
+    at::Tensor lse32 = at::empty(lse.sizes(), lse.options().dtype(at::kFloat));
+    p.lse64 = nullptr;
+    p.lse = lse32.data_ptr<float>();
+    cuda_forward(p, q, rng_state);
+    lse.copy_(lse32);
+    return {out, lse, rng_state};
+  }
   cuda_forward(p, q, rng_state);
   return {out, lse, rng_state};
 #else
@@ -426,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   p.dk_batch_stride = dk4.stride(0), p.dk_head_stride = dk4.stride(1), p.dk_row_stride = dk4.stride(2);
   p.dv_batch_stride = dv4.stride(0), p.dv_head_stride = dv4.stride(1), p.dv_row_stride = dv4.stride(2);
   p.deterministic = deterministic;
-  if (p.dropout_p > 0) read_philox(p, rng_state);
+  if (p.dropout_p > 0 && q.is_cpu()) read_philox(p, rng_state);
 
   // dmask accumulates in fp32 through the broadcast view of the mask's own shape (or, when its
   // batch dims cannot be folded, of a batch-materialized buffer summed down afterwards).
@@ -460,7 +468,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 #ifdef FLASHATTN_WITH_CUDA
     at::Tensor delta = at::empty({p.batch * p.num_heads * p.seqlen_q}, q.options().dtype(at::kFloat));
     p.delta = delta.data_ptr<float>();
-    cuda_backward(p, q);
+    at::Tensor lse32;
+    if (p.lse64) {  // the CUDA kernels read a float lse
+      lse32 = lse_c.to(at::kFloat);
+      p.lse64 = nullptr;
+      p.lse = lse32.data_ptr<float>();
+    }
+    cuda_backward(p, q, rng_state);
 #else
     TORCH_CHECK(false, "flashattn_ext was built without CUDA support; rebuild with a CUDA torch and nvcc");
 #endif
@@ -529,10 +543,10 @@ at::Tensor dropout_mask_kernel(const at::Tensor& q, const at::Tensor& k, const a
   p.batch = q4.size(0), p.num_heads = q4.size(1), p.num_heads_k = k4.size(1);
   p.seqlen_q = q4.size(2), p.seqlen_k = k4.size(2);
   p.dropout_p = dropout_p;
-  read_philox(p, rng_state);
   at::Tensor keep = at::empty(score_shape(q, k), q.options().dtype(at::kBool));
   if (keep.numel() == 0) return keep;
   if (q.is_cpu()) {
+    read_philox(p, rng_state);
     cpu::dropout_mask(p, reinterpret_cast<uint8_t*>(keep.data_ptr<bool>()));
     return keep;
   }

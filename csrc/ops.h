@@ -40,7 +40,7 @@ bool poison_outputs();
 #ifdef FLASHATTN_WITH_CUDA
 // csrc/ops_cuda.cpp: run the CUDA kernels on the current stream of q's device.
 void cuda_forward(AttentionParams& p, const at::Tensor& q, at::Tensor& rng_state);
-void cuda_backward(AttentionGradParams& p, const at::Tensor& q);
+void cuda_backward(AttentionGradParams& p, const at::Tensor& q, const at::Tensor& rng_state);
 at::Tensor cuda_dropout_mask(AttentionParams& p, const at::Tensor& rng_state);
 // (seed, offset) for a dropout call, drawn from torch's CUDA generator (graph-capture aware).
 void cuda_draw_philox(AttentionParams& p, const at::Tensor& rng_state);
