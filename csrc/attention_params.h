@@ -71,8 +71,14 @@ struct AttentionParams {
   int64_t block_sparse_m = 128, block_sparse_n = 128;
   int64_t block_mask_batch_stride = 0, block_mask_head_stride = 0;
   int64_t block_mask_row_stride = 0, block_mask_col_stride = 0;
-  // Optional per-block "full" flags (same layout as block_mask): a full block needs no element mask.
+  // Optional per-block "full" flags (same layout as block_mask): a full block needs no element mask
+  // (neither attn_mask nor an element mask below is read for it).
   const uint8_t* block_full = nullptr;
+  // Element masks of partially filled blocks, stored compactly: block (b, h, i, j) with
+  // block_elem_index[...] = e >= 0 (same layout/strides as block_mask) lets query row r, key column
+  // c of the block take part iff block_elem_masks[(e * block_sparse_m + r) * block_sparse_n + c] != 0.
+  const uint8_t* block_elem_masks = nullptr;
+  const int32_t* block_elem_index = nullptr;
 };
 
 struct AttentionGradParams : AttentionParams {
