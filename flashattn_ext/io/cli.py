@@ -216,6 +216,8 @@ def plot_sweep(path, N, d, Ms, data, backward=False):
     if not backward:
         ax.plot(Ms, [bounds.lower_bound_any_matmul(N, d, M) for M in Ms], "k:", lw=1,
                 label="any matmul: min(N²d²/M, N²)")
+    compulsory = (bounds.compulsory_backward if backward else bounds.compulsory_forward)(N, d)
+    ax.axhline(compulsory, color="0.6", ls=":", lw=1, label=f"compulsory {'8' if backward else '4'}Nd")
     ax.axvline(d * d, color="gray", lw=1, label=f"M = d² = {d * d} (regimes meet)")
     h100 = H100_SMEM_BYTES // 2
     if Ms[0] <= h100 <= Ms[-1]:

@@ -284,9 +284,12 @@ class TwoLevelMemory:
         label = label or f"{name}[rows x{lanes} lanes]"
         self._reserve(prod(shape), f"loading {label}")
         self._count(self._counts.reads, name, lanes * prod(shape))
-        rows = starts[:, None] + np.arange(size)[None, :]
-        data = arr[rows] if cols is None else arr[rows][..., cols]
-        data = np.ascontiguousarray(data)
+        block = _consecutive(starts, size)
+        if block is not None:  # adjacent row blocks: one slice, reshaped per lane
+            data = arr[block].reshape((lanes, size) + arr.shape[1:])
+        else:
+            data = arr[starts[:, None] + np.arange(size)[None, :]]
+        data = np.array(data if cols is None else data[..., cols])  # a copy: the tile's own words
         origin = []
         if self.word_level:
             for s in starts:
@@ -331,6 +334,14 @@ class TwoLevelMemory:
         if data.shape[1:] != region_shape:
             raise ValueError(f"storing lanes of {data.shape[1:]} into row blocks of {region_shape} of {name}")
         self._count(self._counts.writes, name, len(starts) * prod(region_shape))
+        block = _consecutive(starts, size)
+        if block is not None:
+            view = arr[block].reshape((len(starts), size) + arr.shape[1:])
+            if cols is None:
+                view[...] = data
+            else:
+                view[..., cols] = data
+            return
         rows = starts[:, None] + np.arange(size)[None, :]
         if cols is None:
             arr[rows] = data
@@ -417,6 +428,14 @@ class TwoLevelMemory:
         if scale is not None:
             A = scale * A
         acc_data += alpha * (A @ B)
+
+
+def _consecutive(starts: np.ndarray, size: int):
+    """The slice covering row blocks starts[0], starts[0] + size, ... if they are adjacent, else None."""
+    s0 = int(starts[0])
+    if len(starts) == 1 or (np.diff(starts) == size).all():
+        return slice(s0, s0 + len(starts) * size)
+    return None
 
 
 def _fmt(slices):

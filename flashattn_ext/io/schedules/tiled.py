@@ -13,7 +13,7 @@ from ..bounds import cdiv
 from ..memory import Operand, TwoLevelMemory
 from ..plans import Plan
 from ..reference import Problem
-from .common import NEG_INF, blocks, exp_diff, lse_of
+from .common import NEG_INF, blocks, exp_diff, lse_of, row_groups
 
 
 def _place_inputs(mem: TwoLevelMemory, prob: Problem) -> None:
@@ -69,21 +69,23 @@ def run_standard(mem: TwoLevelMemory, prob: Problem, plan: Plan) -> dict:
             x /= sm.data[:, None]
             mem.store(rows, "P", slice(r0, r0 + r))
             mem.free(rows, mx, sm)
-    else:  # a row does not fit: two passes over it in chunks (online max/sum, then normalise)
+    else:  # a row does not fit: two passes over each row in column chunks (online max/sum, then
+        # normalise); rows are independent iterations, run as lock-step lanes
         chunk = t["softmax_chunk"]
-        for i in range(N):
-            mx = mem.alloc((1,), "row max", fill=NEG_INF)
-            sm = mem.alloc((1,), "row sum")
+        for starts, _ in row_groups(N, 1, mem.max_lanes, chunk + 2):
+            lanes = len(starts)
+            mx = mem.alloc((1,), "row max", lanes=lanes, fill=NEG_INF)
+            sm = mem.alloc((1,), "row sum", lanes=lanes)
             for c0, c in blocks(N, chunk):
-                x = mem.load("S", (slice(i, i + 1), slice(c0, c0 + c)))
-                new = max(mx.data[0], x.data.max())
-                sm.data[0] = sm.data[0] * np.exp(mx.data[0] - new) + np.exp(x.data - new).sum()
-                mx.data[0] = new
+                x = mem.load_rows("S", starts, 1, slice(c0, c0 + c))
+                new = np.maximum(mx.data, x.data.max(axis=-1))
+                sm.data[:] = sm.data * exp_diff(mx.data, new) + np.exp(x.data - new[..., None]).sum(axis=-1)
+                mx.data[:] = new
                 mem.free(x)
             for c0, c in blocks(N, chunk):
-                x = mem.load("S", (slice(i, i + 1), slice(c0, c0 + c)))
-                x.data[:] = np.exp(x.data - mx.data[0]) / sm.data[0]
-                mem.store(x, "P", (slice(i, i + 1), slice(c0, c0 + c)))
+                x = mem.load_rows("S", starts, 1, slice(c0, c0 + c))
+                x.data[:] = np.exp(x.data - mx.data[..., None]) / sm.data[..., None]
+                mem.store_rows(x, "P", starts, 1, slice(c0, c0 + c))
                 mem.free(x)
             mem.free(mx, sm)
 
