@@ -71,12 +71,11 @@ struct AttentionParams {
   int64_t block_sparse_m = 128, block_sparse_n = 128;
   int64_t block_mask_batch_stride = 0, block_mask_head_stride = 0;
   int64_t block_mask_row_stride = 0, block_mask_col_stride = 0;
-  // Optional per-block "full" flags (same layout as block_mask): a full block needs no element mask
-  // (neither attn_mask nor an element mask below is read for it).
-  const uint8_t* block_full = nullptr;
   // Element masks of partially filled blocks, stored compactly: block (b, h, i, j) with
   // block_elem_index[...] = e >= 0 (same layout/strides as block_mask) lets query row r, key column
   // c of the block take part iff block_elem_masks[(e * block_sparse_m + r) * block_sparse_n + c] != 0.
+  // A kept block with index -1 is "full": no element mask is read for it. (attn_mask, if given,
+  // is independent of the block mask and applies everywhere.)
   const uint8_t* block_elem_masks = nullptr;
   const int32_t* block_elem_index = nullptr;
 };

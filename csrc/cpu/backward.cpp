@@ -209,9 +209,9 @@ void backward_impl(const AttentionGradParams& p) {
           const acc_t* delta = delta_rows.data() + (b * p.num_heads + h) * p.seqlen_q;
           for (int64_t row0 = q_begin / tiling.block_m * tiling.block_m; row0 < q_end; row0 += tiling.block_m) {
             const TileShape t{row0, std::min(tiling.block_m, p.seqlen_q - row0), col0, cols};
-            if (!tile_visible(p, hc, t)) continue;
+            const TileMasking tm = tile_masking(p, hc, t);
+            if (!tm.visible) continue;
             const int64_t rows = t.rows;
-            const bool band_cuts = band_cuts_tile(p, t);
             const scalar_t* q_tile = q + row0 * p.q_row_stride;
             const scalar_t* do_tile = dout + row0 * p.do_row_stride;
 
@@ -230,7 +230,7 @@ void backward_impl(const AttentionGradParams& p) {
               acc_t* s_row = ws.s.data() + r * cols;
               acc_t* dp_row = ws.dp.data() + r * cols;
               acc_t* cap_row = p.softcap > 0 ? ws.softcap_grad.data() + r * cols : nullptr;
-              make_score_row(p, hc, i, t, band_cuts, s_row, cap_row);
+              make_score_row(p, hc, i, t, tm, s_row, cap_row);
               const acc_t row_lse = lse[i];
               if (row_lse == -std::numeric_limits<acc_t>::infinity()) {
                 std::fill(s_row, s_row + cols, acc_t(0));

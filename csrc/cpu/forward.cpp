@@ -116,8 +116,8 @@ void forward_impl(const AttentionParams& p) {
       const auto [col_begin, col_end] = visible_key_range(p, row0, rows, tiling.block_n);
       for (int64_t col0 = col_begin; col0 < col_end; col0 += tiling.block_n) {
         const TileShape t{row0, rows, col0, std::min(tiling.block_n, p.seqlen_k - col0)};
-        if (!tile_visible(p, hc, t)) continue;
-        const bool band_cuts = band_cuts_tile(p, t);
+        const TileMasking tm = tile_masking(p, hc, t);
+        if (!tm.visible) continue;
 
         // S = Q Kᵀ
         Policy::b_transposed(k + col0 * p.k_row_stride, p.k_row_stride, t.cols, p.headdim, ws.k_t.data());
@@ -127,7 +127,7 @@ void forward_impl(const AttentionParams& p) {
         // Scores, online softmax, P (dropped out for the product, not for row_sum).
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* s_row = ws.s.data() + r * t.cols;
-          make_score_row(p, hc, row0 + r, t, band_cuts, s_row);
+          make_score_row(p, hc, row0 + r, t, tm, s_row);
           online_softmax_row(s_row, t.cols, ws.row_max[r], ws.row_sum[r], ws.o.data() + r * p.headdim_v,
                              p.headdim_v);
           if (p.dropout_p > 0) apply_dropout_row(p, hc, row0 + r, t, keep_threshold, keep_scale, s_row);

@@ -34,6 +34,15 @@ struct TileShape {
   int64_t row0, rows, col0, cols;
 };
 
+// Which element masks a visible tile needs (decided once per tile).
+struct TileMasking {
+  bool visible = true;     // false: the tile contributes nothing and is skipped
+  bool band_cuts = false;  // some element lies outside the band
+  bool attn_mask = false;  // read attn_mask
+  const uint8_t* elem = nullptr;  // element mask of a partial sparse block at (row0, col0), or null
+  int64_t elem_ld = 0;
+};
+
 // Per (batch, head) facts that every row of a task reuses.
 struct HeadContext {
   int64_t b = 0, h = 0;
@@ -72,7 +81,7 @@ inline void add_float_mask(acc_t* s, int64_t n, const mask_t* m, int64_t col_str
 // With a softcap, softcap_grad (if given) receives d score / d (q·k·scale) = 1 - tanh².
 template <typename acc_t>
 inline void make_score_row(const AttentionParams& p, const HeadContext& hc, int64_t i, const TileShape& t,
-                           bool band_cuts, acc_t* s, acc_t* softcap_grad = nullptr) {
+                           const TileMasking& tm, acc_t* s, acc_t* softcap_grad = nullptr) {
   using Vec = Vectorized<acc_t>;
   const int64_t n = t.cols;
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
@@ -103,7 +112,7 @@ inline void make_score_row(const AttentionParams& p, const HeadContext& hc, int6
       s[jj] -= slope * static_cast<acc_t>(d < 0 ? -d : d);
     }
   }
-  if (p.mask) {
+  if (tm.attn_mask) {
     const int64_t off = mask_row_offset(p, hc.b, hc.h, i) + t.col0 * p.mask_col_stride;
     const int64_t cs = p.mask_col_stride;
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -121,7 +130,12 @@ inline void make_score_row(const AttentionParams& p, const HeadContext& hc, int6
       case MaskKind::kNone: break;
     }
   }
-  if (band_cuts) {
+  if (tm.elem) {
+    const uint8_t* e = tm.elem + (i - t.row0) * tm.elem_ld;
+    for (int64_t jj = 0; jj < n; ++jj)
+      if (!e[jj]) s[jj] = -std::numeric_limits<acc_t>::infinity();
+  }
+  if (tm.band_cuts) {
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     const int64_t lo = band_key_begin(p, i) - t.col0, hi = band_key_end(p, i) - t.col0;
     for (int64_t jj = 0; jj < n; ++jj)

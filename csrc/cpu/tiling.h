@@ -39,16 +39,21 @@ inline int64_t cap_for_headdim(const AttentionParams& p, int64_t preferred) {
   return std::max<int64_t>(16, std::min<int64_t>(preferred, 65536 / widest));
 }
 
-// Block-sparse attention fixes the tile to the sparsity block so a tile is one block.
+// Block-sparse attention: tiles nest inside the sparsity blocks (a block, or an even split of a
+// large one), so each tile reads one block's flags.
 inline bool tiles_follow_block_mask(const AttentionParams& p) { return p.block_mask != nullptr; }
+inline int64_t tile_inside_block(int64_t block) {
+  while (block > 256 && block % 2 == 0) block /= 2;
+  return block;
+}
 
 // Forward: query blocks as large as keep >= 4 tasks per thread (fewer, larger tiles amortize the
 // packing of each K/V tile over more query rows).
 inline Tiling forward_tiling(const AttentionParams& p, int threads) {
   Tiling t;
   if (tiles_follow_block_mask(p)) {
-    t.block_m = p.block_sparse_m;
-    t.block_n = p.block_sparse_n;
+    t.block_m = tile_inside_block(p.block_sparse_m);
+    t.block_n = tile_inside_block(p.block_sparse_n);
   } else {
     t.block_n = std::min<int64_t>(cap_for_headdim(p, 256), std::max<int64_t>(p.seqlen_k, 1));
     const int64_t heads = p.batch * p.num_heads;
@@ -72,8 +77,8 @@ inline Tiling forward_tiling(const AttentionParams& p, int threads) {
 inline Tiling backward_tiling(const AttentionParams& p, int threads) {
   Tiling t;
   if (tiles_follow_block_mask(p)) {
-    t.block_m = p.block_sparse_m;
-    t.block_n = p.block_sparse_n;
+    t.block_m = tile_inside_block(p.block_sparse_m);
+    t.block_n = tile_inside_block(p.block_sparse_n);
   } else {
     t.block_m = std::min<int64_t>(cap_for_headdim(p, 64), std::max<int64_t>(p.seqlen_q, 1));
     t.block_n = std::min<int64_t>(cap_for_headdim(p, 128), std::max<int64_t>(p.seqlen_k, 1));
@@ -105,16 +110,31 @@ inline std::pair<int64_t, int64_t> visible_query_range(const AttentionParams& p,
   return {begin, std::max(begin, end)};
 }
 
-// False when the tile provably contributes nothing (outside the band, or an empty sparse block).
-inline bool tile_visible(const AttentionParams& p, const HeadContext& hc, const TileShape& t) {
-  if (band_excludes_tile(p, t)) return false;
+// How a tile is masked: skipped when it provably contributes nothing (outside the band, or an
+// empty sparse block); a partial sparse block also reads its element mask.
+inline TileMasking tile_masking(const AttentionParams& p, const HeadContext& hc, const TileShape& t) {
+  TileMasking m;
+  if (band_excludes_tile(p, t)) {
+    m.visible = false;
+    return m;
+  }
+  m.band_cuts = band_cuts_tile(p, t);
+  m.attn_mask = p.mask != nullptr;
   if (p.block_mask) {
-    const uint8_t* bm = p.block_mask + hc.b * p.block_mask_batch_stride + hc.h * p.block_mask_head_stride +
+    const int64_t off = hc.b * p.block_mask_batch_stride + hc.h * p.block_mask_head_stride +
                         (t.row0 / p.block_sparse_m) * p.block_mask_row_stride +
                         (t.col0 / p.block_sparse_n) * p.block_mask_col_stride;
-    if (!*bm) return false;
+    if (!p.block_mask[off]) {
+      m.visible = false;
+      return m;
+    }
+    if (p.block_elem_index && p.block_elem_index[off] >= 0) {
+      m.elem_ld = p.block_sparse_n;
+      m.elem = p.block_elem_masks + (static_cast<int64_t>(p.block_elem_index[off]) * p.block_sparse_m +
+                                     t.row0 % p.block_sparse_m) * p.block_sparse_n + t.col0 % p.block_sparse_n;
+    }
   }
-  return true;
+  return m;
 }
 
 // lse in the accumulation type: double for fp64 inputs, float otherwise.
