@@ -423,3 +423,12 @@ def test_measure_without_gpu_exits_cleanly(capsys):
     args = cli.build_parser().parse_args(["measure"])
     assert measure.main(args) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_single_threaded_blas_restores_the_thread_count():
+    from flashattn_ext.io._blas import _openblas, single_threaded_blas
+
+    before = [get() for get, _ in _openblas()]
+    with single_threaded_blas():
+        assert all(get() == 1 for get, _ in _openblas())
+    assert [get() for get, _ in _openblas()] == before

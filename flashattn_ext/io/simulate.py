@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import bounds, schedules
+from ._blas import single_threaded_blas
 from .memory import TwoLevelMemory
 from .plans import Plan, plan_for
 from .reference import attention_backward, attention_forward, element_mask, make_problem
@@ -70,6 +71,13 @@ def simulate(algorithm: str, seqlen: int, headdim: int, cache_words: int, *, cau
              backward=False, density=None, block_mask=None, seed=0, word_level=False,
              max_lanes=None, return_outputs=False):
     """Plan, run and check one schedule. Returns a SimResult (and the outputs if asked)."""
+    with single_threaded_blas():
+        return _simulate(algorithm, seqlen, headdim, cache_words, causal, backward, density, block_mask,
+                         seed, word_level, max_lanes, return_outputs)
+
+
+def _simulate(algorithm, seqlen, headdim, cache_words, causal, backward, density, block_mask, seed,
+              word_level, max_lanes, return_outputs):
     sched = schedules.get(algorithm, backward)
     if causal and not sched.causal:
         raise ValueError(f"{sched.name} has no causal variant (causal: "

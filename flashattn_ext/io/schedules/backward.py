@@ -6,8 +6,6 @@ gradient dO, and write dQ, dK, dV.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..memory import Operand, TwoLevelMemory
 from ..plans import Plan
 from ..reference import Problem, attention_forward, element_mask
