@@ -140,8 +140,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
   if (o.block_mask && o.block_mask->defined()) {
     const at::Tensor& bm = *o.block_mask;
-    TORCH_CHECK_TYPE(bm.scalar_type() == at::kBool || bm.scalar_type() == at::kByte,
-                     "flashattn_ext: block_mask must be bool (or uint8), got ", bm.scalar_type());
+    const auto bt = bm.scalar_type();
+    TORCH_CHECK_TYPE(bt == at::kBool || bt == at::kByte || bt == at::kInt,
+                     "flashattn_ext: block_mask must be bool (kept blocks) or int32 (-1 empty, -2 full, e >= 0 "
+                     "partial with element mask e), got ", bt);
     TORCH_CHECK_VALUE(bm.device() == q.device(), "flashattn_ext: block_mask must be on the query's device (",
                       q.device(), "), got ", bm.device());
     TORCH_CHECK_VALUE(o.sparse_block_m > 0 && o.sparse_block_n > 0,
@@ -158,6 +160,27 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK_VALUE(ok, "flashattn_ext: block_mask of shape ", shape_str(bm.sizes()),
                       " must broadcast to (batch..., heads, ceil(L / block_m), ceil(S / block_n)) = ",
                       shape_str(blocks), " with block sizes (", o.sparse_block_m, ", ", o.sparse_block_n, ")");
+    const bool has_elem = o.block_elem_masks && o.block_elem_masks->defined();
+    TORCH_CHECK_VALUE(!has_elem || bt == at::kInt,
+                      "flashattn_ext: block_elem_masks needs an int32 block_mask that indexes it");
+    if (has_elem) {
+      const at::Tensor& em = *o.block_elem_masks;
+      TORCH_CHECK_TYPE(em.scalar_type() == at::kBool || em.scalar_type() == at::kByte,
+                       "flashattn_ext: block_elem_masks must be bool, got ", em.scalar_type());
+      TORCH_CHECK_VALUE(em.device() == q.device() && em.dim() == 3 && em.size(1) == o.sparse_block_m &&
+                            em.size(2) == o.sparse_block_n,
+                        "flashattn_ext: block_elem_masks must be a (num_masks, ", o.sparse_block_m, ", ",
+                        o.sparse_block_n, ") tensor on the query's device, got ", shape_str(em.sizes()), " on ",
+                        em.device());
+    }
+    if (bt == at::kInt && bm.numel() > 0) {
+      const int64_t num_masks = has_elem ? o.block_elem_masks->size(0) : 0;
+      const auto [lo, hi] = at::aminmax(bm);
+      TORCH_CHECK_VALUE(lo.item<int>() >= -2 && hi.item<int>() < num_masks,
+                        "flashattn_ext: int32 block_mask entries must be -1 (empty), -2 (full) or an index into "
+                        "block_elem_masks (", num_masks, " masks), got values in [", lo.item<int>(), ", ",
+                        hi.item<int>(), "]");
+    }
   }
 }
 
@@ -273,7 +296,23 @@ AttentionParams make_params(const at::Tensor& q4, const at::Tensor& k4, const at
     at::Tensor bm = o.block_mask->expand(full);
     while (bm.dim() < 4) bm = bm.unsqueeze(0);
     bm = bm.reshape({-1, bm.size(-3), bm.size(-2), bm.size(-1)}).expand(blocks);
-    if (bm.scalar_type() == at::kBool) bm = bm.view(at::kByte);
+    if (bm.scalar_type() == at::kInt) {
+      // int32 form: -1 empty, -2 full, e >= 0 partial with element mask e.
+      at::Tensor index = bm.contiguous();
+      keep_alive.push_back(index);
+      p.block_elem_index = index.data_ptr<int32_t>();
+      bm = index.ne(-1).view(at::kByte);
+      if (o.block_elem_masks && o.block_elem_masks->defined()) {
+        at::Tensor em = o.block_elem_masks->contiguous();
+        if (em.scalar_type() == at::kBool) em = em.view(at::kByte);
+        keep_alive.push_back(em);
+        p.block_elem_masks = em.data_ptr<uint8_t>();
+      } else {
+        p.block_elem_index = nullptr;  // no element masks: every kept block is full
+      }
+    } else if (bm.scalar_type() == at::kBool) {
+      bm = bm.view(at::kByte);
+    }
     keep_alive.push_back(bm);
     p.block_mask = bm.data_ptr<uint8_t>();
     p.block_sparse_m = o.sparse_block_m;
@@ -489,13 +528,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 namespace {
 
 AttentionOptions options(const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& alibi_slopes,
-                         const std::optional<at::Tensor>& block_mask, double dropout_p, std::optional<double> scale,
+                         const std::optional<at::Tensor>& block_mask,
+                         const std::optional<at::Tensor>& block_elem_masks, double dropout_p, std::optional<double> scale,
                          int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                          int64_t sparse_block_m, int64_t sparse_block_n) {
   AttentionOptions o;
   o.attn_mask = attn_mask;
   o.alibi_slopes = alibi_slopes;
   o.block_mask = block_mask;
+  o.block_elem_masks = block_elem_masks;
   o.dropout_p = dropout_p;
   o.scale = scale;
   o.window_left = window_left;
@@ -510,24 +551,27 @@ AttentionOptions options(const std::optional<at::Tensor>& attn_mask, const std::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_kernel(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
                                                           const std::optional<at::Tensor>& alibi_slopes,
-                                                          const std::optional<at::Tensor>& block_mask, double dropout_p,
+                                                          const std::optional<at::Tensor>& block_mask,
+                                                          const std::optional<at::Tensor>& block_elem_masks,
+                                                          double dropout_p,
                                                           std::optional<double> scale, int64_t window_left,
                                                           int64_t window_right, bool bottom_right, double softcap,
                                                           int64_t sparse_block_m, int64_t sparse_block_n,
                                                           bool /*deterministic: used by the backward only*/) {
   return attention_fwd(q, k, v,
-                       options(attn_mask, alibi_slopes, block_mask, dropout_p, scale, window_left, window_right,
+                       options(attn_mask, alibi_slopes, block_mask, block_elem_masks, dropout_p, scale, window_left, window_right,
                                bottom_right, softcap, sparse_block_m, sparse_block_n));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& block_mask, double dropout_p,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& block_mask,
+    const std::optional<at::Tensor>& block_elem_masks, double dropout_p,
     std::optional<double> scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     int64_t sparse_block_m, int64_t sparse_block_n, bool deterministic, bool mask_grad) {
   return attention_bwd(grad_out, q, k, v, out, lse, rng_state,
-                       options(attn_mask, alibi_slopes, block_mask, dropout_p, scale, window_left, window_right,
+                       options(attn_mask, alibi_slopes, block_mask, block_elem_masks, dropout_p, scale, window_left, window_right,
                                bottom_right, softcap, sparse_block_m, sparse_block_n),
                        deterministic, mask_grad);
 }
@@ -563,13 +607,15 @@ at::Tensor dropout_mask_kernel(const at::Tensor& q, const at::Tensor& k, const a
 TORCH_LIBRARY(flashattn_ext, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, Tensor? alibi_slopes=None, "
-      "Tensor? block_mask=None, float dropout_p=0.0, float? scale=None, int window_left=-1, "
+      "Tensor? block_mask=None, Tensor? block_elem_masks=None, float dropout_p=0.0, float? scale=None, "
+      "int window_left=-1, "
       "int window_right=-1, bool bottom_right=False, float softcap=0.0, int sparse_block_m=128, "
       "int sparse_block_n=128, bool deterministic=False) -> (Tensor out, Tensor lse, Tensor rng_state)",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor rng_state, "
-      "Tensor? attn_mask=None, Tensor? alibi_slopes=None, Tensor? block_mask=None, float dropout_p=0.0, "
+      "Tensor? attn_mask=None, Tensor? alibi_slopes=None, Tensor? block_mask=None, "
+      "Tensor? block_elem_masks=None, float dropout_p=0.0, "
       "float? scale=None, int window_left=-1, int window_right=-1, bool bottom_right=False, float softcap=0.0, "
       "int sparse_block_m=128, int sparse_block_n=128, bool deterministic=False, bool mask_grad=False) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");

@@ -15,7 +15,8 @@ namespace flashattn {
 struct AttentionOptions {
   std::optional<at::Tensor> attn_mask;
   std::optional<at::Tensor> alibi_slopes;
-  std::optional<at::Tensor> block_mask;
+  std::optional<at::Tensor> block_mask;        // bool/uint8 (kept blocks) or int32 (see ops.cpp)
+  std::optional<at::Tensor> block_elem_masks;  // (P, block_m, block_n) bool: partial blocks' element masks
   double dropout_p = 0.0;
   std::optional<double> scale;
   int64_t window_left = -1, window_right = -1;

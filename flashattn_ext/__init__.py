@@ -15,8 +15,10 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.flashattn_ext.*)
 from . import _fake  # noqa: F401  (fake kernels for torch.compile)
+from . import sparse
 from ._api import flash_attn_func, scaled_dot_product_attention
 from ._patch import patch_sdpa
+from .sparse import BlockSparseMask, block_sparse_attention
 
 __version__ = "0.1.0"
 
@@ -26,4 +28,5 @@ def build_info():
     return dict(_C.build_info())
 
 
-__all__ = ["scaled_dot_product_attention", "flash_attn_func", "patch_sdpa", "build_info", "__version__"]
+__all__ = ["scaled_dot_product_attention", "flash_attn_func", "block_sparse_attention", "BlockSparseMask", "sparse",
+           "patch_sdpa", "build_info", "__version__"]

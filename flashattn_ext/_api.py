@@ -72,8 +72,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     left, right = _band(is_causal, window_size)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    out, _, _ = _ops.fwd(q, k, v, attn_mask, alibi_slopes, None, float(dropout_p), scale, left, right, False,
-                         float(softcap), 128, 128, bool(deterministic))
+    out, _, _ = _ops.fwd(q, k, v, attn_mask, alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), scale=scale,
+                         window_left=left, window_right=right, softcap=float(softcap),
+                         deterministic=bool(deterministic))
     return out
 
 
@@ -91,8 +92,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             raise ValueError(f"flashattn_ext.flash_attn_func: {name} must be a 4-D (batch, seqlen, heads, headdim) "
                              f"tensor, got {got}")
     left, right = _band(causal, window_size)
-    out, lse, _ = _ops.fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, alibi_slopes, None,
-                           float(dropout_p), softmax_scale, left, right, True, float(softcap), 128, 128,
-                           bool(deterministic))
+    out, lse, _ = _ops.fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), alibi_slopes=alibi_slopes,
+                           dropout_p=float(dropout_p), scale=softmax_scale, window_left=left, window_right=right,
+                           bottom_right=True, softcap=float(softcap), deterministic=bool(deterministic))
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

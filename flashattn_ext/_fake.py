@@ -31,7 +31,8 @@ def _grad_like(x):
 
 
 @torch.library.register_fake("flashattn_ext::fwd")
-def _fwd_fake(q, k, v, attn_mask=None, alibi_slopes=None, block_mask=None, dropout_p=0.0, scale=None,
+def _fwd_fake(q, k, v, attn_mask=None, alibi_slopes=None, block_mask=None, block_elem_masks=None, dropout_p=0.0,
+              scale=None,
               window_left=-1, window_right=-1, bottom_right=False, softcap=0.0, sparse_block_m=128,
               sparse_block_n=128, deterministic=False):
     _check_devices(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, block_mask=block_mask)
@@ -43,7 +44,7 @@ def _fwd_fake(q, k, v, attn_mask=None, alibi_slopes=None, block_mask=None, dropo
 
 @torch.library.register_fake("flashattn_ext::bwd")
 def _bwd_fake(grad_out, q, k, v, out, lse, rng_state, attn_mask=None, alibi_slopes=None, block_mask=None,
-              dropout_p=0.0, scale=None, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
+              block_elem_masks=None, dropout_p=0.0, scale=None, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
               sparse_block_m=128, sparse_block_n=128, deterministic=False, mask_grad=False):
     _check_devices(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, block_mask=block_mask)
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty((0,))
