@@ -256,6 +256,7 @@ def main(argv=None):
         "dtype": args.dtype,
         "tokens": args.tokens,
         "hidden": args.hidden,
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("FLASHATTN_", "TORCH_CUDA_ARCH"))},
     }
     try:
         import flashattn_ext

@@ -529,6 +529,40 @@ def test_block_sparse(block):
 
 
 # --------------------------------------------------------------------------------------------
+# Both forward K/V pipelines (the two-stage ring is the default where it fits, e.g. H100; the
+# interleave elsewhere). FLASHATTN_CUDA_KV_STAGES is read once per process: run each in a child.
+
+_PIPELINE_SCRIPT = r"""
+import math, sys, torch, flashattn_ext
+torch.manual_seed(0)
+worst = 0.0
+for d in (32, 64, 96, 128, 192, 256):
+    for causal in (False, True):
+        q, k, v = (torch.randn(2, 3, n, d, device="cuda", dtype=torch.bfloat16) for n in (300, 333, 333))
+        out = flashattn_ext.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d)
+        if causal:
+            s = s.masked_fill(~torch.ones(300, 333, dtype=torch.bool, device="cuda").tril(), float("-inf"))
+        ref = torch.softmax(s, -1) @ v.double()
+        worst = max(worst, (out.double() - ref).abs().max().item())
+print(worst)
+sys.exit(0 if worst < 3e-2 else 1)
+"""
+
+
+@pytest.mark.parametrize("stages", ["1", "2"])
+def test_forward_pipelines(stages):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FLASHATTN_CUDA_KV_STAGES=stages)
+    res = subprocess.run([sys.executable, "-c", _PIPELINE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, f"kv_stages={stages}: max err {res.stdout.strip()} {res.stderr[-2000:]}"
+
+
+# --------------------------------------------------------------------------------------------
 # torch integration
 
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 
 #include "kernel_configs.h"
 #include "launch.h"
@@ -87,11 +88,40 @@ int smem_needed(int bucket, bool backward) {
   }
 }
 
-int device_smem_optin() {
-  int device = 0, bytes = 0;
+int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return 0;
-  return bytes;
+  if (cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess) return 0;
+  return value;
+}
+int device_smem_optin() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin); }
+
+// The forward's K/V pipeline depth: the two-stage ring where it costs no occupancy, i.e. the
+// CTAs per SM that the registers allow (255 per thread) still fit in shared memory with it
+// (sm90: yes for every bucket; sm80: only d = 32). FLASHATTN_CUDA_KV_STAGES=1|2 overrides (benchmarks).
+template <int kHeadDim>
+int kv_stages_for() {
+  using Pipelined = typename FwdConfig<__half, kHeadDim>::TraitsPipelined;
+  static const int forced = [] {
+    const char* env = std::getenv("FLASHATTN_CUDA_KV_STAGES");
+    return env ? std::atoi(env) : 0;
+  }();
+  if (Pipelined::kStages == 1) return 1;  // no ring for this bucket
+  const bool launchable = Pipelined::kSmemBytes <= device_smem_optin();
+  if (forced == 1 || forced == 2) return launchable ? forced : 1;
+  const int per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
+  const int ctas = 65536 / (Pipelined::kThreads * 256) > 0 ? 65536 / (Pipelined::kThreads * 256) : 1;
+  return launchable && ctas * (Pipelined::kSmemBytes + 1024) <= per_sm ? 2 : 1;
+}
+int kv_stages(int bucket) {
+  switch (bucket) {
+    case 32: return kv_stages_for<32>();
+    case 64: return kv_stages_for<64>();
+    case 96: return kv_stages_for<96>();
+    case 128: return kv_stages_for<128>();
+    case 192: return kv_stages_for<192>();
+    default: return kv_stages_for<256>();
+  }
 }
 
 bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -229,6 +259,7 @@ cudaError_t run_fwd(const AttentionParams& p, cudaStream_t stream, int sm_major,
   opt.vectorized = fwd_vectorized(p);
   opt.extras = has_extras(p);
   const int bucket = select_bucket(p);
+  opt.kv_stages = kv_stages(bucket);
   if (p.dtype == DType::kFloat16) {
 #ifndef FLASHATTN_NO_FP16
     return launch_fwd_bucket<__half>(bucket, p, opt, stream);

@@ -1,8 +1,11 @@
 // FlashAttention-2 forward on mma.sync (sm80+): one CTA per (query block, head, batch).
 //
-//   load Q (block_m x d) once; stream K_j, V_j (block_n x d) through shared memory with cp.async:
-//   V_j is fetched while S = Q K_j^T and the softmax run, K_{j-1} while O += P V_j runs, so every
-//   copy overlaps one matrix product (the K and V buffers form the two-deep pipeline).
+//   load Q (block_m x d) once; stream K_j, V_j (block_n x d) through shared memory with cp.async,
+//   in one of two pipelines (kStages):
+//    2: a ring of two K/V stages: tile j - 2 is fetched while tile j - 1 waits and tile j is
+//       computed, a whole iteration of lead (sm90: 2 CTAs/SM still fit at d = 128);
+//    1: one K and one V buffer, FlashAttention-2's interleave: V_j is fetched while S = Q K_j^T
+//       and the softmax run, K_{j-1} while O += P V_j runs (half the shared memory: sm80).
 //   Each warp owns block_m / num_warps query rows, keeps its S, P, O, row_max and row_sum in
 //   registers (online softmax with exp2, scale folded into the exponent), and P goes straight from
 //   the S accumulators into the A operand of P V. Writes O (through shared memory, 16-byte stores)
@@ -14,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../attention_params.h"
 #include "ptx.h"
@@ -28,21 +32,32 @@ namespace flashattn::cuda {
 // with those paths compiled in, the register budget of the 128 x 64 hdim-128 tile overflows
 // (ptxas spills ~400 bytes), so the plain kernel (band, GQA, any lengths: what SDPA's FLASH and
 // flash_attn_func users run) is built without them and the extras kernel uses a smaller tile.
-template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNumWarps_, bool kExtras_>
+//
+// kSubTiles: the ring kernel may score a K/V tile in sub-tiles of block_n / kSubTiles keys, each
+// with its own online-softmax step and P V product: S and P then need half the registers (the
+// hd128 ring kernel spilled ~50 bytes without it), for one more O rescale per tile.
+template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNumWarps_, bool kExtras_,
+          int kStages_ = 1, int kSubTiles_ = 1>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kNumWarps = kNumWarps_;
   static constexpr bool kExtras = kExtras_;
+  static constexpr int kStages = kStages_;  // K/V pipeline depth (see above)
+  static constexpr int kSubTiles = kSubTiles_;
+  static constexpr int kSubN = kBlockN / kSubTiles;  // keys scored per online-softmax step
+  static_assert(kStages == 1 || kStages == 2, "K/V pipeline: 1 (interleaved) or 2 (ring)");
+  static_assert(kSubTiles == 1 || kStages == 2, "sub-tiles need the ring (the interleave waits for V mid-tile)");
+  static_assert(kSubN % 16 == 0, "sub-tile shape");
   static constexpr int kThreads = 32 * kNumWarps;
   static constexpr int kWarpRows = kBlockM / kNumWarps;
   static constexpr int kMT = kWarpRows / 16;       // 16-row strips per warp
-  static constexpr int kScoreNT = kBlockN / 8;     // 8-key tiles of S per strip
+  static constexpr int kScoreNT = kBlockN / kSubTiles / 8;  // 8-key tiles of S per strip and step
   static constexpr int kOutNT = kHeadDim / 8;      // 8-column tiles of O per strip
   static_assert(kWarpRows % 16 == 0 && kBlockN % 16 == 0 && kHeadDim % 32 == 0, "tile shape");
   using TileQ = SmemTile<kBlockM, kHeadDim>;
   using TileK = SmemTile<kBlockN, kHeadDim>;
   using TileV = SmemTile<kBlockN, kHeadDim>;
-  static constexpr int kSmemBytes = TileQ::kBytes + TileK::kBytes + TileV::kBytes;
+  static constexpr int kSmemBytes = TileQ::kBytes + kStages * (TileK::kBytes + TileV::kBytes);
 };
 
 template <class Traits>
@@ -52,14 +67,25 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
   using TileK = typename Traits::TileK;
   using TileV = typename Traits::TileV;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
-  constexpr int kMT = Traits::kMT, kScoreNT = Traits::kScoreNT, kOutNT = Traits::kOutNT;
+  constexpr int kMT = Traits::kMT, kOutNT = Traits::kOutNT;
   constexpr bool kExtras = Traits::kExtras;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  // sm80 never runs the hd128 ring (two 96 KB CTAs do not fit in its 164 KB per SM; dispatch.cu
+  // picks the interleave there) and ptxas spills it for sm80: that instantiation is built as the
+  // interleave instead (correct, same shared-memory layout, stage 0 only).
+  constexpr bool kRing = Traits::kStages == 2 && Traits::kHeadDim != 128;
+#else
+  constexpr bool kRing = Traits::kStages == 2;
+#endif
+  constexpr int kStages = kRing ? 2 : 1;
+  constexpr int kSubTiles = kRing ? Traits::kSubTiles : 1;
+  constexpr int kSubN = kBlockN / kSubTiles, kScoreNT = kSubN / 8;
   constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* sQ = reinterpret_cast<Element*>(smem_raw);
-  Element* sK = sQ + TileQ::kElements;
-  Element* sV = sK + TileK::kElements;
+  Element* sK = sQ + TileQ::kElements;                   // [Traits::kStages] K tiles
+  Element* sV = sK + Traits::kStages * TileK::kElements;  // [Traits::kStages] V tiles
 
   // Which (batch, head) and query block. Heavy (late, under a causal band) blocks start first.
   const int64_t bh = blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z;
@@ -88,24 +114,34 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
     const int64_t left = p.seqlen_k - n_block * kBlockN;
     return static_cast<int>(left < kBlockN ? left : kBlockN);
   };
-  auto load_k = [&](int64_t n_block) {
-    load_tile_async<TileK, Traits::kThreads>(sK, k + n_block * kBlockN * p.k_row_stride, p.k_row_stride,
-                                             keys_in(n_block), static_cast<int>(p.headdim), vectorized);
+  auto load_k = [&](int64_t n_block, int stage) {
+    load_tile_async<TileK, Traits::kThreads>(sK + stage * TileK::kElements, k + n_block * kBlockN * p.k_row_stride,
+                                             p.k_row_stride, keys_in(n_block), static_cast<int>(p.headdim), vectorized);
   };
-  auto load_v = [&](int64_t n_block) {
-    load_tile_async<TileV, Traits::kThreads>(sV, v + n_block * kBlockN * p.v_row_stride, p.v_row_stride,
-                                             keys_in(n_block), static_cast<int>(p.headdim_v), vectorized);
+  auto load_v = [&](int64_t n_block, int stage) {
+    load_tile_async<TileV, Traits::kThreads>(sV + stage * TileV::kElements, v + n_block * kBlockN * p.v_row_stride,
+                                             p.v_row_stride, keys_in(n_block), static_cast<int>(p.headdim_v),
+                                             vectorized);
   };
 
+  // Prologue. Ring: tiles n_max - 1 and n_max - 2 in flight (two commit groups). Interleave: K only.
   load_tile_async<TileQ, Traits::kThreads>(sQ, q, p.q_row_stride, rows, static_cast<int>(p.headdim), vectorized);
-  if (n_block_max > n_block_min) load_k(n_block_max - 1);
+  if (n_block_max > n_block_min) {
+    load_k(n_block_max - 1, 0);
+    if (kStages == 2) load_v(n_block_max - 1, 0);
+  }
   cp_async_commit();
+  if (kStages == 2) {
+    if (n_block_max - 1 > n_block_min) {
+      load_k(n_block_max - 2, 1);
+      load_v(n_block_max - 2, 1);
+    }
+    cp_async_commit();
+  }
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int warp_row0 = warp * Traits::kWarpRows;  // first row of this warp inside the block
   const FragA<TileQ> frag_q(sQ, warp_row0);
-  const FragB<TileK> frag_k(sK, 0);
-  const FragBTrans<TileV> frag_v(sV, 0);
 
   float acc_o[kMT][kOutNT][4];
   zero(acc_o);
@@ -120,12 +156,28 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
   const float exp_scale = has_transform ? kLog2e : static_cast<float>(p.softmax_scale) * kLog2e;
   const bool dropout = kExtras && p.dropout_p > 0.f;
 
-  for (int64_t n_block = n_block_max - 1; n_block >= n_block_min; --n_block) {
+  // One K/V tile. The ring's stage is a compile-time constant (the loop below is unrolled by
+  // two), so both stages' ldmatrix addresses are immediates off the same base registers.
+  const FragB<TileK> frag_k0(sK, 0);
+  const FragBTrans<TileV> frag_v0(sV, 0);
+  auto iteration = [&](auto stage_constant, int64_t n_block) {
+    constexpr int stage = decltype(stage_constant)::value;
+    FragB<TileK> frag_k = frag_k0;
+    FragBTrans<TileV> frag_v = frag_v0;
+    if (stage == 1) {
+      frag_k.advance(TileK::kBytes);
+      frag_v.advance(TileV::kBytes);
+    }
     const int64_t n0 = n_block * kBlockN;
-    cp_async_wait<0>();
-    __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j+1}
-    load_v(n_block);
-    cp_async_commit();
+    if constexpr (kStages == 2) {
+      cp_async_wait<1>();  // this tile's group is done; the next one may still be in flight
+      __syncthreads();
+    } else {
+      cp_async_wait<0>();
+      __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j+1}
+      load_v(n_block, 0);
+      cp_async_commit();
+    }
 
     bool skip = kExtras && mods.tile_skipped(p, m0, m_last, n0, n0 + kBlockN - 1);
     if (kExtras && p.mask_kind != MaskKind::kNone && !skip) {
@@ -134,7 +186,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < kScoreNT; ++nt)
+        for (int nt = 0; nt < kBlockN / 8; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * (e / 2), j = n0 + 8 * nt + 2 * t + (e % 2);
@@ -142,24 +194,20 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
           }
       skip = !__syncthreads_or(any);
     }
-    uint32_t p_frag[kMT][kScoreNT / 2][4];
-    if (!skip) {
-      // S = Q K_j^T
-      float acc_s[kMT][kScoreNT][4];
-      zero(acc_s);
-      warp_gemm<kMT, kScoreNT, kHeadDim / 16, false, false, 1, Element>(acc_s, frag_q, frag_k);
-
+    // Scores of keys [n0s, n0s + kSubN) -> masked, online-softmax step, dropout -> P fragments.
+    auto scores_to_probs = [&](float (&acc_s)[kMT][kScoreNT][4], int64_t n0s,
+                               uint32_t (&p_frag)[kMT][kScoreNT / 2][4]) {
       // Masking, only where this tile needs it. The band and the sequence ends reduce to one
       // visible key interval [lo, hi) per row (tile-relative), two compares per score.
-      if (!mods.tile_inside_band(p, m0, m_last, n0, n0 + kBlockN - 1)) {
+      if (!mods.tile_inside_band(p, m0, m_last, n0s, n0s + kSubN - 1)) {
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * half;
-            const int64_t begin = band_key_begin(p, i) - n0, end = band_key_end(p, i) - n0;
-            const int lo = static_cast<int>(begin < 0 ? 0 : (begin > kBlockN ? kBlockN : begin));
-            const int hi = i >= p.seqlen_q ? 0 : static_cast<int>(end < 0 ? 0 : (end > kBlockN ? kBlockN : end));
+            const int64_t begin = band_key_begin(p, i) - n0s, end = band_key_end(p, i) - n0s;
+            const int lo = static_cast<int>(begin < 0 ? 0 : (begin > kSubN ? kSubN : begin));
+            const int hi = i >= p.seqlen_q ? 0 : static_cast<int>(end < 0 ? 0 : (end > kSubN ? kSubN : end));
 #pragma unroll
             for (int nt = 0; nt < kScoreNT; ++nt)
 #pragma unroll
@@ -177,7 +225,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
           for (int nt = 0; nt < kScoreNT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * (e / 2), j = n0 + 8 * nt + 2 * t + (e % 2);
+              const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * (e / 2), j = n0s + 8 * nt + 2 * t + (e % 2);
               float& s = acc_s[mt][nt][e];
               if (s == -INFINITY || i >= p.seqlen_q || j >= p.seqlen_k) continue;
               if (mods.has_transform) s = mods.logit(p, s, i, j);
@@ -226,7 +274,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
             const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * half;
 #pragma unroll
             for (int nt = 0; nt < kScoreNT; ++nt) {
-              const int64_t j = n0 + 8 * nt + 2 * t;  // even: j, j + 1 share one Philox draw
+              const int64_t j = n0s + 8 * nt + 2 * t;  // even: j, j + 1 share one Philox draw
               const uint32_t bits = mods.keep_bits(p, i, j & ~int64_t(3)) >> (j & 3);
               if (!(bits & 1u)) acc_s[mt][nt][2 * half] = 0.f;
               if (!(bits & 2u)) acc_s[mt][nt][2 * half + 1] = 0.f;
@@ -234,15 +282,53 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
           }
       }
       acc_to_a_fragments<Element>(p_frag, acc_s);
+    };
+
+    if constexpr (kStages == 2) {
+      // Ring: S, softmax and O += P V per sub-tile, then refill this stage with tile j - 2 once
+      // every warp is done with it.
+      if (!skip) {
+#pragma unroll
+        for (int sub = 0; sub < kSubTiles; ++sub) {
+          float acc_s[kMT][kScoreNT][4];
+          zero(acc_s);
+          warp_gemm<kMT, kScoreNT, kHeadDim / 16, false, false, 1, Element>(acc_s, frag_q, frag_k, sub * kSubN / 16);
+          uint32_t p_frag[kMT][kScoreNT / 2][4];
+          scores_to_probs(acc_s, n0 + sub * kSubN, p_frag);
+          warp_gemm_ra<kMT, kOutNT, kSubN / 16, true, Element>(acc_o, p_frag, frag_v, sub * kSubN);
+        }
+      }
+      __syncthreads();
+      if (n_block - 2 >= n_block_min) {
+        load_k(n_block - 2, stage);
+        load_v(n_block - 2, stage);
+      }
+      cp_async_commit();  // possibly empty: keeps one group per iteration for wait<1>
+    } else {
+      // Interleave: S = Q K_j^T and the softmax while V_j arrives, then O += P V_j while K_{j-1} arrives.
+      uint32_t p_frag[kMT][kScoreNT / 2][4];
+      if (!skip) {
+        float acc_s[kMT][kScoreNT][4];
+        zero(acc_s);
+        warp_gemm<kMT, kScoreNT, kHeadDim / 16, false, false, 1, Element>(acc_s, frag_q, frag_k);
+        scores_to_probs(acc_s, n0, p_frag);
+      }
+      cp_async_wait<0>();
+      __syncthreads();  // V_j landed; every warp is done with K_j
+      if (n_block - 1 >= n_block_min) load_k(n_block - 1, 0);
+      cp_async_commit();
+      if (!skip) warp_gemm_ra<kMT, kOutNT, kBlockN / 16, true, Element>(acc_o, p_frag, frag_v);
     }
-
-    cp_async_wait<0>();
-    __syncthreads();  // V_j landed; every warp is done with K_j
-    if (n_block - 1 >= n_block_min) load_k(n_block - 1);
-    cp_async_commit();
-
-    // O += P V_j
-    if (!skip) warp_gemm_ra<kMT, kOutNT, kBlockN / 16, true, Element>(acc_o, p_frag, frag_v);
+  };
+  if constexpr (kStages == 2) {
+    for (int64_t n_block = n_block_max - 1; n_block >= n_block_min; n_block -= 2) {
+      iteration(std::integral_constant<int, 0>{}, n_block);
+      if (n_block - 1 < n_block_min) break;
+      iteration(std::integral_constant<int, 1>{}, n_block - 1);
+    }
+  } else {
+    for (int64_t n_block = n_block_max - 1; n_block >= n_block_min; --n_block)
+      iteration(std::integral_constant<int, 0>{}, n_block);
   }
 
   // Epilogue: O /= row_sum, lse = log(row_sum) + row_max (natural log), empty rows -> O = 0, lse = -inf.

@@ -3,6 +3,8 @@
 // on sm80 (227 KB on sm90). Predictions below were checked against `ptxas -v` (csrc/cuda/README.md).
 #pragma once
 
+#include <type_traits>
+
 #include "bwd_kernel.cuh"
 #include "fwd_kernel.cuh"
 
@@ -26,6 +28,13 @@ struct FwdConfig {
   static constexpr int kBlockN = kHeadDim <= 32 ? 128 : 64;
   static constexpr int kWarps = kHeadDim <= 128 ? 4 : 8;
   using Traits = FwdTraits<Element, kHeadDim, 128, kBlockN, kWarps, false>;
+  // Same tile with a two-stage K/V ring: d=128 96 KB, d=256 192 KB; chosen where the GPU keeps
+  // the same CTAs per SM with it (sm90), see dispatch.cu. d = 128 scores each 64-key tile in two
+  // 32-key steps there (registers; see FwdTraits). d = 96 keeps the interleave: its ring spilled
+  // (20-56 bytes) in every variant tried.
+  using TraitsPipelined = std::conditional_t<kHeadDim == 96, Traits,
+                                             FwdTraits<Element, kHeadDim, 128, kBlockN, kWarps, false, 2,
+                                                       kHeadDim == 128 ? 2 : 1>>;
   using TraitsExtras = FwdTraits<Element, kHeadDim, 64, kHeadDim <= 128 ? 64 : (kHeadDim <= 192 ? 32 : 16), 4, true>;
 };
 

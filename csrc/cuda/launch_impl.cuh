@@ -26,6 +26,8 @@ template <typename Element, int kHeadDim>
 cudaError_t launch_fwd(const AttentionParams& p, const LaunchOptions& opt, cudaStream_t stream) {
   using Config = FwdConfig<Element, kHeadDim>;
   if (opt.extras) return launch_fwd_kernel<typename Config::TraitsExtras>(p, opt, stream);
+  if (opt.kv_stages == 2 && Config::TraitsPipelined::kStages == 2)
+    return launch_fwd_kernel<typename Config::TraitsPipelined>(p, opt, stream);
   return launch_fwd_kernel<typename Config::Traits>(p, opt, stream);
 }
 

@@ -11,6 +11,7 @@ namespace flashattn::cuda {
 struct LaunchOptions {
   bool vectorized = true;  // 16-byte aligned pointers and row/head/batch strides: cp.async path
   bool extras = false;     // attn_mask, dropout, ALiBi, softcap, block mask or scale <= 0 present
+  int kv_stages = 1;       // forward K/V pipeline: 1 (interleaved buffers) or 2 (two-stage ring)
 };
 
 template <typename Element, int kHeadDim>

@@ -40,6 +40,11 @@ struct FragAddr {
 #pragma unroll
     for (int i = 0; i < kBases; ++i) base[i] = start + static_cast<uint32_t>(((2 * i) ^ x) << 4);
   }
+  // Moves every base by `bytes` (a ring of identical tiles: next stage).
+  __device__ __forceinline__ void advance(int bytes) {
+#pragma unroll
+    for (int i = 0; i < kBases; ++i) base[i] += bytes;
+  }
   // Address for tile rows row.. (row a multiple of 8) and logical chunk `chunk` (even); both are
   // compile-time constants in the unrolled products.
   __device__ __forceinline__ uint32_t at(int row, int chunk) const {
@@ -104,16 +109,18 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[kMT][kNT][4], const FA& f
   }
 }
 
-// Same with A already in registers as fragments a[kMT][kKSteps][4] (P in the forward's P V).
+// Same with A already in registers as fragments a[kMT][kKSteps][4] (P in the forward's P V);
+// the reduction runs over B's k rows k_begin .. k_begin + 16 kKSteps (B stored [k][n], .trans).
 template <int kMT, int kNT, int kKSteps, bool kBTrans, typename Element, class FB>
 __device__ __forceinline__ void warp_gemm_ra(float (&acc)[kMT][kNT][4], const uint32_t (&a)[kMT][kKSteps][4],
-                                             const FB& fb) {
+                                             const FB& fb, int k_begin = 0) {
+  static_assert(kBTrans, "P V reads V stored [key][d]");
 #pragma unroll
   for (int ks = 0; ks < kKSteps; ++ks) {
 #pragma unroll
     for (int np = 0; np < kNT / 2; ++np) {
       uint32_t b[4];
-      load_b<kBTrans>(b, fb, np, ks);
+      ldsm_x4_trans(b, fb.at(k_begin + 16 * ks, 2 * np));
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
         mma_m16n8k16<Element>(acc[mt][2 * np], a[mt][ks], b[0], b[1]);

@@ -141,13 +141,24 @@ for D, BM, BN, NW in [(32,128,128,4),(64,128,64,4),(96,128,64,4),(128,128,64,4),
         S = Q @ K.T
         out = acc_to_matrix(acc, MT, BN//8, lambda mt,g,e: wr0+16*mt+g+8*(e//2), lambda nt,t,e: 8*nt+2*t+(e%2))
         check(out, S)
+        # Ring kernel: the stage-1 tiles sit TileK bytes further (FragAddr::advance), and a tile
+        # may be scored in two sub-tiles (S: pair_begin; P V: k_begin).
+        sm.put(vb + BN*D*2, TK.store(K)); sm.put(vb + 2*BN*D*2, TK.store(V))  # stage 1 K, V
+        fk1, fv1 = Frag(TK, False, vb + BN*D*2, 0), Frag(TK, True, vb + 2*BN*D*2, 0)
+        sub_n = BN // 2 if BN >= 32 else BN
+        for sub in range(BN // sub_n):
+            acc = warp_gemm(MT, sub_n//8, D//16, False, False, fq, fk1, sm, pair_begin=sub*sub_n//16)
+            out = acc_to_matrix(acc, MT, sub_n//8, lambda mt,g,e: wr0+16*mt+g+8*(e//2), lambda nt,t,e: sub*sub_n+8*nt+2*t+(e%2))
+            check(out, S)
         # P from the S accumulators (as acc_to_a_fragments), O = P V
         P = rng.standard_normal((BM, BN))
         KS = BN // 16; NT = D // 8
         acc_o = [[[0.0]*4 for _ in range(32)] for _ in range(MT*NT)]
         for ks in range(KS):
             for np_ in range(NT//2):
-                addrs = [fv.at(l, 16*ks, 2*np_) for l in range(32)]
+                # second half of the keys through the stage-1 V with k_begin (sub-tile 1)
+                half = ks >= KS // 2
+                addrs = [(fv1.at(l, 16*ks, 2*np_) if half else fv.at(l, 16*ks, 2*np_)) for l in range(32)]
                 b = ldsm(sm.row, addrs, True)
                 for mt in range(MT):
                     a = []
