@@ -89,8 +89,7 @@ def main():
     ok &= run_case("mask grad", with_mask_grad)
     blocks = torch.rand(2, 4, (L + 63) // 64, (S + 63) // 64, device="cuda") > 0.3
     ok &= run_case("block sparse", lambda: list(torch.ops.flashattn_ext.fwd(
-        q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), None, None, blocks, 0.0, None, -1, -1, False, 0.0, 64, 64,
-        False)[:2]))
+        q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), block_mask=blocks, sparse_block_m=64, sparse_block_n=64)[:2]))
     big = rand(1, 2, L, d + 8, dtype=dtype)
     ok &= run_case("unaligned rows", lambda: fwd_bwd(big[..., 3:3 + d], k[:1], v[:1]))
     for fdt in (torch.float32, torch.float64):
@@ -98,8 +97,9 @@ def main():
         ok &= run_case(f"simt {fdt}", lambda: fwd_bwd(qf, kf, vf, is_causal=True))
     qh, kh, vh = rand(1, 2, 20, 320, dtype=dtype), rand(1, 2, 25, 320, dtype=dtype), rand(1, 2, 25, 320, dtype=dtype)
     ok &= run_case("simt d=320", lambda: fwd_bwd(qh, kh, vh))
-    _, _, rng = torch.ops.flashattn_ext.fwd(q, k, v, None, None, None, 0.2, None, -1, -1, False, 0.0, 128, 128, False)
-    ok &= run_case("dropout mask kernel", lambda: [flashattn_ext.testing.dropout_mask(q, k, rng, 0.2).float()])
+    _, _, rng = torch.ops.flashattn_ext.fwd(q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), dropout_p=0.2)
+    ok &= run_case("dropout mask kernel", lambda: [flashattn_ext.testing.dropout_mask(q, k.repeat(1, 2, 1, 1), rng,
+                                                                                      0.2).float()])
     print("sanitizer driver:", "all cases finite" if ok else "NON-FINITE RESULTS")
     return 0 if ok else 1
 

@@ -452,8 +452,8 @@ def test_dropout_matches_keep_mask(head_dim, causal):
     q, k, v = rand(2, 3, 150, head_dim), rand(2, 3, 170, head_dim), rand(2, 3, 170, head_dim)
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     with poison_outputs():
-        out, lse, rng_state = torch.ops.flashattn_ext.fwd(*leaves, None, None, None, p_drop, None,
-                                                          -1, 0 if causal else -1, False, 0.0, 128, 128, False)
+        out, lse, rng_state = torch.ops.flashattn_ext.fwd(*leaves, dropout_p=p_drop, window_left=-1,
+                                                          window_right=0 if causal else -1)
     keep = dropout_mask(q, k, rng_state, p_drop)
     assert 0.7 < keep.float().mean().item() < 0.9
     ref = reference(q.double(), k.double(), v.double(), causal=causal, keep=keep, dropout_p=p_drop)[0]
@@ -478,13 +478,11 @@ def test_dropout_gradients_against_reference():
     p_drop = 0.25
     q, k, v = rand(1, 2, 100, 64), rand(1, 2, 120, 64), rand(1, 2, 120, 64)
     with poison_outputs():
-        out, lse, rng_state = torch.ops.flashattn_ext.fwd(q, k, v, None, None, None, p_drop, None, -1, -1, False, 0.0,
-                                                          128, 128, False)
+        out, lse, rng_state = torch.ops.flashattn_ext.fwd(q, k, v, dropout_p=p_drop)
     keep = dropout_mask(q, k, rng_state, p_drop)
     dout = rand(*out.shape)
     with poison_outputs():
-        dq, dk, dv, _ = torch.ops.flashattn_ext.bwd(dout, q, k, v, out, lse, rng_state, None, None, None, p_drop, None,
-                                                    -1, -1, False, 0.0, 128, 128, False, False)
+        dq, dk, dv, _ = torch.ops.flashattn_ext.bwd(dout, q, k, v, out, lse, rng_state, dropout_p=p_drop)
     leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     reference(*leaves64, keep=keep, dropout_p=p_drop)[0].backward(dout.double())
     leaves_low = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
@@ -519,13 +517,38 @@ def test_block_sparse(block):
     elem = blocks.repeat_interleave(bm, 2).repeat_interleave(bn, 3)[:, :, :L, :S]
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     with poison_outputs():
-        out, lse, _ = torch.ops.flashattn_ext.fwd(q, k, v, None, None, blocks, 0.0, None, -1, -1, False, 0.0, bm, bn,
-                                                  False)
+        out, lse, _ = torch.ops.flashattn_ext.fwd(q, k, v, block_mask=blocks, sparse_block_m=bm, sparse_block_n=bn)
     ref = reference(q.double(), k.double(), v.double(), attn_mask=elem)[0]
     base = reference(q, k, v, dtype=q.dtype, attn_mask=elem)[0]
     assert_close("block sparse", out, ref, base)
     assert torch.all(out[0, 0, :bm] == 0)
     del leaves
+
+
+def test_block_sparse_with_element_masks():
+    """int32 block mask: -1 empty, -2 full, e >= 0 partial with element mask e; forward and backward."""
+    bm = bn = 64
+    B, H, L, S, D = 1, 2, 200, 230, 64
+    nbm, nbn = -(-L // bm), -(-S // bn)
+    index = torch.randint(-2, 3, (B, H, nbm, nbn), device=DEV, dtype=torch.int32)
+    elem = torch.rand(3, bm, bn, device=DEV) > 0.3
+    full = torch.zeros(B, H, nbm * bm, nbn * bn, dtype=torch.bool, device=DEV)
+    for b in range(B):
+        for h in range(H):
+            for i in range(nbm):
+                for j in range(nbn):
+                    e = int(index[b, h, i, j])
+                    blk = full[b, h, i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+                    blk[:] = False if e == -1 else (True if e == -2 else elem[e])
+    visible = full[:, :, :L, :S]
+
+    def ours(q_, k_, v_):
+        return torch.ops.flashattn_ext.fwd(q_, k_, v_, block_mask=index, block_elem_masks=elem, sparse_block_m=bm,
+                                           sparse_block_n=bn)[0]
+
+    q, k, v = rand(B, H, L, D), rand(B, H, S, D), rand(B, H, S, D)
+    check_fwd_bwd(q, k, v, ours=ours, ref_kwargs=dict(attn_mask=visible), name="block elem masks",
+                  check_grad=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -91,9 +91,16 @@ struct ScoreMods {
   __device__ __forceinline__ bool in_band(const AttentionParams& p, int64_t i, int64_t j) const {
     return j < p.seqlen_k && j >= band_key_begin(p, i) && j < band_key_end(p, i);
   }
+  // Block mask, and inside a kept partial block its compact element mask (block_elem_index >= 0).
   __device__ __forceinline__ bool block_kept(const AttentionParams& p, int64_t i, int64_t j) const {
-    return p.block_mask[block_mask_base + (i / p.block_sparse_m) * p.block_mask_row_stride +
-                        (j / p.block_sparse_n) * p.block_mask_col_stride] != 0;
+    const int64_t bi = i / p.block_sparse_m, bj = j / p.block_sparse_n;
+    const int64_t off = block_mask_base + bi * p.block_mask_row_stride + bj * p.block_mask_col_stride;
+    if (p.block_mask[off] == 0) return false;
+    if (p.block_elem_index == nullptr) return true;
+    const int32_t e = p.block_elem_index[off];
+    if (e < 0) return true;  // a full block
+    const int64_t r = i - bi * p.block_sparse_m, c = j - bj * p.block_sparse_n;
+    return p.block_elem_masks[(e * p.block_sparse_m + r) * p.block_sparse_n + c] != 0;
   }
   // Everything that removes an element (band, bound, bool mask, block mask).
   __device__ __forceinline__ bool visible(const AttentionParams& p, int64_t i, int64_t j) const {
