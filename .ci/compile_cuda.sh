@@ -123,7 +123,11 @@ for line in open(report):
     m = re.search(r"(\d+) bytes smem", line)
     if m:
         cur["static_smem"] = int(m.group(1))
-names = subprocess.run(["c++filt"], input="\n".join(r["mangled"] for r in rows), capture_output=True, text=True).stdout.split("\n")
+try:
+    names = subprocess.run(["c++filt"], input="\n".join(r["mangled"] for r in rows), capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+except (OSError, subprocess.CalledProcessError):  # no binutils: keep the mangled names
+    names = [r["mangled"] for r in rows]
 def short(n):
     n = n.replace("flashattn::cuda::", "").replace("(anonymous namespace)::", "")
     n = re.sub(r"\(.*\)$", "", n)
