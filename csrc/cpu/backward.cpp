@@ -232,26 +232,30 @@ void backward_impl(const AttentionGradParams& p) {
               acc_t* cap_row = p.softcap > 0 ? ws.softcap_grad.data() + r * cols : nullptr;
               make_score_row(p, hc, i, t, tm, s_row, cap_row);
               const acc_t row_lse = lse[i];
-              if (row_lse == -std::numeric_limits<acc_t>::infinity()) {
+              if (row_lse == -std::numeric_limits<acc_t>::infinity())
                 std::fill(s_row, s_row + cols, acc_t(0));
-              } else {
-                const Vec v_lse(row_lse);
-                at::vec::map([&](Vec x) { return vexp(x - v_lse); }, s_row, s_row, cols);
-              }
+              else
+                exp_row(s_row, cols, pending_scale<acc_t>(p, tm), row_lse);
               if (p.dropout_p > 0) {
                 // dP ∘ Z / (1 − p) for dS; P ∘ Z / (1 − p) for dV, written after dS is formed.
                 apply_dropout_row(p, hc, i, t, keep_threshold, keep_scale, dp_row);
               }
               const Vec v_delta(delta[i]);
-              at::vec::map2([&](Vec pv, Vec dpv) { return pv * (dpv - v_delta); }, dp_row, s_row, dp_row, cols);
-              if (p.dmask) {
-                float* gm = p.dmask + dmask_row_offset(p, b, h, i) + col0 * p.dmask_col_stride;
-                for (int64_t j = 0; j < cols; ++j) gm[j * p.dmask_col_stride] += static_cast<float>(dp_row[j]);
+              if (!p.dmask && !cap_row) {  // dS = P ∘ (dP − delta) · scale in one pass
+                const Vec v_scale(scale);
+                at::vec::map2([&](Vec pv, Vec dpv) { return pv * (dpv - v_delta) * v_scale; }, dp_row, s_row,
+                              dp_row, cols);
+              } else {
+                at::vec::map2([&](Vec pv, Vec dpv) { return pv * (dpv - v_delta); }, dp_row, s_row, dp_row, cols);
+                if (p.dmask) {
+                  float* gm = p.dmask + dmask_row_offset(p, b, h, i) + col0 * p.dmask_col_stride;
+                  for (int64_t j = 0; j < cols; ++j) gm[j * p.dmask_col_stride] += static_cast<float>(dp_row[j]);
+                }
+                if (cap_row)
+                  at::vec::map2([&](Vec x, Vec g) { return x * g * Vec(scale); }, dp_row, dp_row, cap_row, cols);
+                else
+                  at::vec::map([&](Vec x) { return x * Vec(scale); }, dp_row, dp_row, cols);
               }
-              if (cap_row)
-                at::vec::map2([&](Vec x, Vec g) { return x * g * Vec(scale); }, dp_row, dp_row, cap_row, cols);
-              else
-                at::vec::map([&](Vec x) { return x * Vec(scale); }, dp_row, dp_row, cols);
               if (p.dropout_p > 0) apply_dropout_row(p, hc, i, t, keep_threshold, keep_scale, s_row);
             }
 

@@ -47,13 +47,14 @@ struct ForwardWorkspace {
   }
 };
 
-// Online softmax for one row of one tile: folds the row's scores into (row_max, row_sum),
-// rescales the row of the output accumulator, and leaves P (with dropout applied) in `s`.
+// Online softmax for one row of one tile (scores = s * factor): folds the row into (row_max,
+// row_sum), rescales the row of the output accumulator, and leaves P in `s`.
 template <typename acc_t>
-inline void online_softmax_row(acc_t* s, int64_t n, acc_t& row_max, acc_t& row_sum, acc_t* o_row, int64_t headdim_v) {
+inline void online_softmax_row(acc_t* s, int64_t n, acc_t factor, acc_t& row_max, acc_t& row_sum, acc_t* o_row,
+                               int64_t headdim_v) {
   using Vec = Vectorized<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  acc_t tile_max = at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, s, n);
+  const acc_t tile_max = row_max_of(s, n) * factor;  // factor >= 0
   const acc_t new_max = std::max(row_max, tile_max);
   if (new_max == kNegInf) {  // nothing visible in this row yet
     std::fill(s, s + n, acc_t(0));
@@ -65,20 +66,7 @@ inline void online_softmax_row(acc_t* s, int64_t n, acc_t& row_max, acc_t& row_s
     at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, o_row, o_row, headdim_v);
     row_max = new_max;
   }
-  const Vec v_max(new_max);
-  Vec v_sum(acc_t(0));
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec e = vexp(Vec::loadu(s + j) - v_max);
-    e.store(s + j);
-    v_sum = v_sum + e;
-  }
-  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, v_sum);
-  for (; j < n; ++j) {
-    s[j] = std::exp(s[j] - new_max);
-    sum += s[j];
-  }
-  row_sum += sum;
+  row_sum += exp_row(s, n, factor, new_max);
 }
 
 template <typename Policy>
@@ -128,8 +116,8 @@ void forward_impl(const AttentionParams& p) {
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* s_row = ws.s.data() + r * t.cols;
           make_score_row(p, hc, row0 + r, t, tm, s_row);
-          online_softmax_row(s_row, t.cols, ws.row_max[r], ws.row_sum[r], ws.o.data() + r * p.headdim_v,
-                             p.headdim_v);
+          online_softmax_row(s_row, t.cols, pending_scale<acc_t>(p, tm), ws.row_max[r], ws.row_sum[r],
+                             ws.o.data() + r * p.headdim_v, p.headdim_v);
           if (p.dropout_p > 0) apply_dropout_row(p, hc, row0 + r, t, keep_threshold, keep_scale, s_row);
           if constexpr (!std::is_same_v<op_t, acc_t>) Policy::a_from_acc(s_row, t.cols, ws.p.data() + r * t.cols);
         }

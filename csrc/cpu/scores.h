@@ -41,7 +41,65 @@ struct TileMasking {
   bool attn_mask = false;  // read attn_mask
   const uint8_t* elem = nullptr;  // element mask of a partial sparse block at (row0, col0), or null
   int64_t elem_ld = 0;
+  // Scores are the products times a non-negative scale and nothing else: make_score_row leaves
+  // the row alone and the softmax folds the scale into its exp (one pass less over the tile).
+  bool scale_only = false;
 };
+
+// The factor the softmax still has to apply to a row make_score_row has processed.
+template <typename acc_t>
+inline acc_t pending_scale(const AttentionParams& p, const TileMasking& tm) {
+  return tm.scale_only ? static_cast<acc_t>(p.softmax_scale) : acc_t(1);
+}
+
+// Largest element of a row (-inf for an empty row), four vector accumulators deep.
+template <typename acc_t>
+inline acc_t row_max_of(const acc_t* s, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0, m2 = m0, m3 = m0;
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    m0 = at::vec::maximum(m0, Vec::loadu(s + j));
+    m1 = at::vec::maximum(m1, Vec::loadu(s + j + W));
+    m2 = at::vec::maximum(m2, Vec::loadu(s + j + 2 * W));
+    m3 = at::vec::maximum(m3, Vec::loadu(s + j + 3 * W));
+  }
+  for (; j + W <= n; j += W) m0 = at::vec::maximum(m0, Vec::loadu(s + j));
+  m0 = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
+  acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, m0);
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// s[j] = exp(s[j] * factor - shift) in place; returns the sum.
+template <typename acc_t>
+inline acc_t exp_row(acc_t* s, int64_t n, acc_t factor, acc_t shift) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec v_factor(factor), v_shift(-shift);
+  Vec sum0(acc_t(0)), sum1(acc_t(0));
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(s + j), v_factor, v_shift));
+    const Vec e1 = vexp(at::vec::fmadd(Vec::loadu(s + j + W), v_factor, v_shift));
+    e0.store(s + j);
+    e1.store(s + j + W);
+    sum0 = sum0 + e0;
+    sum1 = sum1 + e1;
+  }
+  for (; j + W <= n; j += W) {
+    const Vec e0 = vexp(at::vec::fmadd(Vec::loadu(s + j), v_factor, v_shift));
+    e0.store(s + j);
+    sum0 = sum0 + e0;
+  }
+  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, sum0 + sum1);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] * factor - shift);
+    sum += s[j];
+  }
+  return sum;
+}
 
 // Per (batch, head) facts that every row of a task reuses.
 struct HeadContext {
@@ -83,6 +141,7 @@ template <typename acc_t>
 inline void make_score_row(const AttentionParams& p, const HeadContext& hc, int64_t i, const TileShape& t,
                            const TileMasking& tm, acc_t* s, acc_t* softcap_grad = nullptr) {
   using Vec = Vectorized<acc_t>;
+  if (tm.scale_only) return;  // the softmax applies the scale (pending_scale)
   const int64_t n = t.cols;
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
   int64_t j = 0;

@@ -80,7 +80,7 @@ inline Tiling backward_tiling(const AttentionParams& p, int threads) {
     t.block_m = tile_inside_block(p.block_sparse_m);
     t.block_n = tile_inside_block(p.block_sparse_n);
   } else {
-    t.block_m = std::min<int64_t>(cap_for_headdim(p, 64), std::max<int64_t>(p.seqlen_q, 1));
+    t.block_m = std::min<int64_t>(cap_for_headdim(p, 128), std::max<int64_t>(p.seqlen_q, 1));
     t.block_n = std::min<int64_t>(cap_for_headdim(p, 128), std::max<int64_t>(p.seqlen_k, 1));
   }
   t.num_m_blocks = ceil_div(p.seqlen_q, t.block_m);
@@ -134,6 +134,8 @@ inline TileMasking tile_masking(const AttentionParams& p, const HeadContext& hc,
                                      t.row0 % p.block_sparse_m) * p.block_sparse_n + t.col0 % p.block_sparse_n;
     }
   }
+  m.scale_only = !m.band_cuts && !m.attn_mask && !m.elem && p.softcap <= 0 && !p.alibi_slopes &&
+                 p.softmax_scale >= 0;
   return m;
 }
 
