@@ -198,3 +198,14 @@ def test_no_score_matrix_in_memory():
     """)
     grew_kib = int(subprocess.check_output([sys.executable, "-c", code], text=True).strip())
     assert grew_kib < 128 * 1024, f"peak RSS grew by {grew_kib} KiB (a score matrix would be 1 GiB)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_nan_inputs_propagate_like_sdpa(dtype):
+    """A NaN in a query row makes that row NaN (as in SDPA), never a silent number."""
+    q, k, v = rand(1, 2, 40, 16, dtype=dtype), rand(1, 2, 300, 16, dtype=dtype), rand(1, 2, 300, 16, dtype=dtype)
+    q[0, 1, 7, 3] = float("nan")
+    out = sdpa(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert out[0, 1, 7].isnan().all() and not out[0, 0].isnan().any()

@@ -55,7 +55,7 @@ inline void online_softmax_row(acc_t* s, int64_t n, acc_t factor, acc_t& row_max
   using Vec = Vectorized<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const acc_t tile_max = row_max_of(s, n) * factor;  // factor >= 0
-  const acc_t new_max = std::max(row_max, tile_max);
+  const acc_t new_max = std::isnan(tile_max) ? tile_max : std::max(row_max, tile_max);  // NaN propagates
   if (new_max == kNegInf) {  // nothing visible in this row yet
     std::fill(s, s + n, acc_t(0));
     return;
