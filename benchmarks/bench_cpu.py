@@ -69,18 +69,28 @@ def time_config(B, H, L, D, dtype, causal, repeats, variants):
     return row
 
 
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def memory_worker(variant, B, H, L, D, dtype_name, causal):
-    """Peak RSS growth (MiB) of one forward+backward, in this (fresh) process."""
-    import resource
+    """Peak RSS growth (MiB) during one forward+backward, in this (fresh) process: the peak-RSS
+    counter (VmHWM) is reset through /proc/self/clear_refs right before the call."""
     dtype = DTYPES[dtype_name]
     small = make_inputs(1, 1, 32, D, dtype)
     out = attention(variant, *small[:3], causal)
     torch.autograd.grad(out, small[:3], small[3])  # load libraries, start threads
     q, k, v, grad = make_inputs(B, H, L, D, dtype)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
     out = attention(variant, q, k, v, causal)
     torch.autograd.grad(out, (q, k, v), grad)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return (_status_kib("VmHWM") - before) / 1024
 
 
 def measure_memory(variant, B, H, L, D, dtype_name, causal):

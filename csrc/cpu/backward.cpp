@@ -133,6 +133,13 @@ void compute_delta(const AttentionGradParams& p, typename Policy::acc_t* delta_o
   });
 }
 
+// Where the dQ += dS K products go:
+//   kDirect     fp32/fp64, one key chunk: straight into dq;
+//   kTaskLocal  bf16/fp16, one key chunk: the task owns its heads' dQ rows, so it accumulates them in
+//               a per-worker fp32 buffer (group × L × E) and converts them when it is done;
+//   kPartials   several key chunks: one fp32 partial sum per chunk, added up in chunk order at the end.
+enum class DqMode { kDirect, kTaskLocal, kPartials };
+
 // The GEMMs add into dq (direct) or the partial sums: both start at zero.
 template <typename Policy>
 void zero_dq_destination(const AttentionGradParams& p, bool dq_direct, int64_t num_chunks) {
@@ -167,14 +174,15 @@ void backward_impl(const AttentionGradParams& p) {
   const uint32_t keep_threshold = dropout_keep_threshold(p.dropout_p);
   const acc_t keep_scale = p.dropout_p < 1.0 ? acc_t(1.0 / (1.0 - p.dropout_p)) : acc_t(0);
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
-  // fp32/fp64 with one chunk add straight into dq; otherwise into acc_t partial sums.
-  const bool dq_direct = p.dq_accum == nullptr;
+  const DqMode dq_mode = tiling.num_chunks > 1 ? DqMode::kPartials
+                         : (std::is_same_v<acc_t, scalar_t> ? DqMode::kDirect : DqMode::kTaskLocal);
   acc_t* dq_accum = reinterpret_cast<acc_t*>(p.dq_accum);
+  TORCH_INTERNAL_ASSERT((dq_mode == DqMode::kPartials) == (dq_accum != nullptr));
 
   // delta in acc_t (not p.delta, which is float): fp64 gradients keep fp64 precision.
   std::vector<acc_t> delta_rows(p.batch * p.num_heads * p.seqlen_q);
   compute_delta<Policy>(p, delta_rows.data());
-  zero_dq_destination<Policy>(p, dq_direct, tiling.num_chunks);
+  if (dq_mode != DqMode::kTaskLocal) zero_dq_destination<Policy>(p, dq_mode == DqMode::kDirect, tiling.num_chunks);
 
   const TaskSpans spans = task_spans(p, tiling);
   const int64_t task_b = p.batch / spans.batch, task_h = p.num_heads_k / spans.kv_heads,
@@ -183,7 +191,10 @@ void backward_impl(const AttentionGradParams& p) {
 
   run_workers(num_tasks, [&](auto next) {
     BackwardWorkspace<Policy> ws(p, tiling);
+    std::vector<acc_t> dq_local;  // kTaskLocal: the task's dQ rows, group × seqlen_q × headdim
+    if (dq_mode == DqMode::kTaskLocal) dq_local.resize(group * p.seqlen_q * p.headdim);
     auto process = [&](int64_t b, int64_t hk, int64_t chunk) {
+      if (dq_mode == DqMode::kTaskLocal) std::fill(dq_local.begin(), dq_local.end(), acc_t(0));
       const scalar_t* k = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
       const scalar_t* v = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
       scalar_t* dk = static_cast<scalar_t*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
@@ -281,10 +292,13 @@ void backward_impl(const AttentionGradParams& p) {
             }
             acc_t* dq_out;
             int64_t ldc_dq;
-            if (dq_direct) {
+            if (dq_mode == DqMode::kDirect) {
               dq_out = reinterpret_cast<acc_t*>(static_cast<scalar_t*>(p.dq) + b * p.dq_batch_stride +
                                                 h * p.dq_head_stride + row0 * p.dq_row_stride);
               ldc_dq = p.dq_row_stride;
+            } else if (dq_mode == DqMode::kTaskLocal) {
+              dq_out = dq_local.data() + ((h - hk * group) * p.seqlen_q + row0) * p.headdim;
+              ldc_dq = p.headdim;
             } else {
               dq_out = dq_accum + (((chunk * p.batch + b) * p.num_heads + h) * p.seqlen_q + row0) * p.headdim;
               ldc_dq = p.headdim;
@@ -295,6 +309,13 @@ void backward_impl(const AttentionGradParams& p) {
         for (int64_t r = 0; r < cols; ++r) {
           store_row(ws.dk.data() + r * p.headdim, p.headdim, dk + (col0 + r) * p.dk_row_stride);
           store_row(ws.dv.data() + r * p.headdim_v, p.headdim_v, dv + (col0 + r) * p.dv_row_stride);
+        }
+      }
+      if (dq_mode == DqMode::kTaskLocal) {
+        for (int64_t g = 0; g < group; ++g) {
+          scalar_t* dq = static_cast<scalar_t*>(p.dq) + b * p.dq_batch_stride + (hk * group + g) * p.dq_head_stride;
+          for (int64_t i = 0; i < p.seqlen_q; ++i)
+            store_row(dq_local.data() + (g * p.seqlen_q + i) * p.headdim, p.headdim, dq + i * p.dq_row_stride);
         }
       }
     };
@@ -309,7 +330,7 @@ void backward_impl(const AttentionGradParams& p) {
     gemm_release();
   });
 
-  if (!dq_direct) {
+  if (dq_mode == DqMode::kPartials) {
     // dQ = Σ_chunks partial sums, in chunk order.
     const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
     const int64_t chunk_stride = rows * p.headdim;
@@ -333,8 +354,7 @@ void backward_impl(const AttentionGradParams& p) {
 
 int64_t backward_dq_accum_elems(const AttentionGradParams& p) {
   const Tiling t = backward_tiling(p, at::get_num_threads());
-  const bool wide = p.dtype == DType::kFloat32 || p.dtype == DType::kFloat64;
-  if (wide && t.num_chunks == 1) return 0;  // accumulates in dq itself
+  if (t.num_chunks == 1) return 0;  // DqMode::kDirect or kTaskLocal
   return t.num_chunks * p.batch * p.num_heads * p.seqlen_q * p.headdim;
 }
 
