@@ -12,10 +12,13 @@
 #   bench64, bench256  the same for head dims 64 and 256                          ~4 min each
 #   bench     bench64 + bench128 + bench256 (only when the time allows: ~12 min)
 #   quick     bench_attention.py --quick (D=128, S in {1k, 8k})                   ~1 min
+#   masked    bench_masked.py: padding / 4-D float masks vs EFFICIENT, CUDNN; dropout cost   ~2 min
+#   sparse    bench_sparse.py: density sweep vs dense and FlexAttention; 64K sliding window  ~4 min
 # (FlexAttention compiles once per shape, which dominates the benchmark's time.)
 # PYTEST_EXTRA="-k test_cuda" narrows the test stage (e.g. when time is short).
 # Logs go to $OUT (if set, else build/gpu_session/): build.log, test.log, sanitize.log, bench.log,
-# bench_results.tar.gz (benchmarks/results/<gpu>/), summary.txt (printed last). At most 8 files,
+# bench_masked.log, bench_sparse.log, bench_results.tar.gz (benchmarks/results/<gpu>/), summary.txt
+# (printed last). At most 8 files,
 # so they all come back from a device call.
 set -uo pipefail
 
@@ -104,6 +107,17 @@ stage_bench() {
   return $rc
 }
 
+stage_script() {  # extra benchmarks: masked attention + dropout cost, block-sparse + 64K window
+  local t0=$SECONDS name=$1
+  note "-- $name ($(stamp))"
+  $PY "benchmarks/$name.py" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  note "$name: rc=$rc in $((SECONDS - t0)) s"
+  tail -8 "$LOGS/$name.log" | tee -a "$SUMMARY"
+  tar czf "$LOGS/bench_results.tar.gz" -C benchmarks results 2>/dev/null
+  return $rc
+}
+
 status=0
 for stage in "${STAGES[@]}"; do
   case $stage in
@@ -113,8 +127,10 @@ for stage in "${STAGES[@]}"; do
     bench) for d in 64 128 256; do stage_bench --headdims $d || status=1; done ;;
     bench64 | bench128 | bench256) stage_bench --headdims "${stage#bench}" || status=1 ;;
     quick) stage_bench --quick || status=1 ;;
+    masked) stage_script bench_masked || status=1 ;;
+    sparse) stage_script bench_sparse || status=1 ;;
     all) { stage_build && stage_test; stage_sanitize; stage_bench --headdims 128; } || status=1 ;;
-    *) echo "unknown stage $stage (build|test|sanitize|bench|bench64|bench128|bench256|quick|all)"; status=2 ;;
+    *) echo "unknown stage $stage (build|test|sanitize|bench|bench64|bench128|bench256|quick|masked|sparse|all)"; status=2 ;;
   esac
 done
 echo
