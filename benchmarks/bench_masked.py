@@ -11,27 +11,20 @@ and the cost of dropout 0.1 in flashattn_ext's forward+backward (target: <= 15 %
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import median_ms as _median_ms  # noqa: E402  (CUDA-event timing, shared)
 
-def median_ms(fn, warmup=5, reps=20):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+
+def median_ms(fn):
+    return _median_ms(fn, warmup=5, reps=20)
+
+
 
 
 def masks(B, S, dtype):
