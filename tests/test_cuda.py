@@ -551,6 +551,28 @@ def test_block_sparse_with_element_masks():
                   check_grad=False)
 
 
+@pytest.mark.parametrize("block", [(16, 16), (32, 16), (64, 32), (32, 128), (96, 48), (200, 24)])
+def test_block_sparse_small_and_uneven_blocks(block):
+    """Sparse blocks smaller than the kernel tiles or not dividing them (the last key tile reaches
+    past the last block column: tile_skipped must clamp to the sequence, not read past the block
+    mask), forward and backward. The last block row is empty under the last 64-key tile (keys
+    64..127, S = 91), so the block scan of that tile runs past the last block column unless clamped
+    (run under compute-sanitizer with PYTORCH_NO_CUDA_MEMORY_CACHING=1 to see such a read)."""
+    bm, bn = block
+    B, H, L, S, D = 2, 2, 77, 91, 64
+    nbm, nbn = -(-L // bm), -(-S // bn)
+    blocks = torch.rand(B, H, nbm, nbn, device=DEV) > 0.4
+    blocks[:, :, -1, 64 // bn:] = False
+    blocks[:, :, 0, 0] = True
+    elem = blocks.repeat_interleave(bm, 2).repeat_interleave(bn, 3)[:, :, :L, :S]
+
+    def ours(q_, k_, v_):
+        return flashattn_ext.block_sparse_attention(q_, k_, v_, blocks, block_size=(bm, bn))
+
+    q, k, v = rand(B, H, L, D), rand(B, H, S, D), rand(B, H, S, D)
+    check_fwd_bwd(q, k, v, ours=ours, ref_kwargs=dict(attn_mask=elem), name=f"sparse blocks {block}")
+
+
 # --------------------------------------------------------------------------------------------
 # Both forward K/V pipelines (the two-stage ring is the default where it fits, e.g. H100; the
 # interleave elsewhere). FLASHATTN_CUDA_KV_STAGES is read once per process: run each in a child.

@@ -125,9 +125,14 @@ struct ScoreMods {
   __device__ __forceinline__ bool tile_inside_band(const AttentionParams& p, int64_t m0, int64_t m_last, int64_t n0, int64_t n_last) const {
     return n_last < p.seqlen_k && band_key_begin(p, m_last) <= n0 && band_key_end(p, m0) > n_last;
   }
-  // True if the block mask removes the whole tile.
+  // True if the block mask removes the whole tile. The tile's last row / key are clamped to the
+  // sequence: a tile reaching past it (the last key tile is rarely full) would otherwise read
+  // block rows / columns beyond ceil(L / block_m) x ceil(S / block_n) whenever the sparse block
+  // is smaller than the kernel tile or does not divide it (e.g. 64-key tiles, 32- or 96-key blocks).
   __device__ __forceinline__ bool tile_skipped(const AttentionParams& p, int64_t m0, int64_t m_last, int64_t n0, int64_t n_last) const {
     if (p.block_mask == nullptr) return false;
+    if (m_last >= p.seqlen_q) m_last = p.seqlen_q - 1;
+    if (n_last >= p.seqlen_k) n_last = p.seqlen_k - 1;
     for (int64_t bi = m0 / p.block_sparse_m; bi <= m_last / p.block_sparse_m; ++bi)
       for (int64_t bj = n0 / p.block_sparse_n; bj <= n_last / p.block_sparse_n; ++bj)
         if (p.block_mask[block_mask_base + bi * p.block_mask_row_stride + bj * p.block_mask_col_stride] != 0)
