@@ -109,6 +109,7 @@ def main():
     small[:, :, -1, 64 // 16:] = False
     ok &= run_case("block sparse 32x16 fwd+bwd", lambda: fwd_bwd_sparse(q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1),
                                                                         small, (32, 16)))
+    ok &= run_case("dropout_p=1 (all dropped)", lambda: fwd_bwd(q, k, v, enable_gqa=True, dropout_p=1.0))
     big = rand(1, 2, L, d + 8, dtype=dtype)
     ok &= run_case("unaligned rows", lambda: fwd_bwd(big[..., 3:3 + d], k[:1], v[:1]))
     for fdt in (torch.float32, torch.float64):

@@ -573,6 +573,23 @@ def test_block_sparse_small_and_uneven_blocks(block):
     check_fwd_bwd(q, k, v, ours=ours, ref_kwargs=dict(attn_mask=elem), name=f"sparse blocks {block}")
 
 
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 64), (torch.float16, 128), (torch.float32, 64)],
+                         ids=["bf16-tensor-core", "fp16-tensor-core", "fp32-simt"])
+def test_dropout_p_one_gives_zeros(dtype, head_dim):
+    """dropout_p = 1 drops every probability: out 0 and gradients 0 (as on the CPU), never
+    0 * 1 / (1 - p) = NaN; lse is the undropped one."""
+    q, k, v = (rand(2, 2, n, head_dim, dtype=dtype, requires_grad=True) for n in (70, 90, 90))
+    with poison_outputs():
+        out, lse, _ = torch.ops.flashattn_ext.fwd(q, k, v, dropout_p=1.0)
+    assert torch.all(out == 0), "dropout_p=1: output not zero"
+    _, lse0, _ = torch.ops.flashattn_ext.fwd(q.detach(), k.detach(), v.detach())
+    assert torch.allclose(lse, lse0, atol=1e-3, rtol=0)
+    with poison_outputs():
+        grads = torch.autograd.grad(out, (q, k, v), rand(*out.shape, dtype=dtype))
+    for name, g in zip("qkv", grads):
+        assert torch.all(g == 0), f"dropout_p=1: d{name} not zero"
+
+
 # --------------------------------------------------------------------------------------------
 # Both forward K/V pipelines (the two-stage ring is the default where it fits, e.g. H100; the
 # interleave elsewhere). FLASHATTN_CUDA_KV_STAGES is read once per process: run each in a child.

@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
   zero(acc_dv);
   const float scale = static_cast<float>(p.softmax_scale), scale_log2 = scale * kLog2e;
   const bool dropout = kExtras && p.dropout_p > 0.f;
-  const float keep_scale = dropout ? static_cast<float>(1.0 / (1.0 - p.dropout_p)) : 1.f;
+  const float keep_scale = dropout ? (p.dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - p.dropout_p)) : 0.f) : 1.f;
   const bool float_mask_grad = kExtras && p.dmask != nullptr;
 
   for (int64_t it = 0; it < total; ++it) {

@@ -332,7 +332,8 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
   }
 
   // Epilogue: O /= row_sum, lse = log(row_sum) + row_max (natural log), empty rows -> O = 0, lse = -inf.
-  const float keep_scale = dropout ? static_cast<float>(1.0 / (1.0 - p.dropout_p)) : 1.f;
+  // dropout_p = 1 drops everything: O = 0 (1 / (1 - p) would be inf, and 0 * inf = NaN).
+  const float keep_scale = dropout ? (p.dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - p.dropout_p)) : 0.f) : 1.f;
   float* lse = p.lse + bh * p.seqlen_q + m0;
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)

@@ -45,6 +45,14 @@ __device__ __forceinline__ Acc warp_sum(Acc x) {
   return x;
 }
 
+// 1 / (1 - dropout_p) for kept probabilities; 0 when dropout_p = 1 (everything dropped: O = 0,
+// not 0 * inf = NaN), 1 without dropout. The CPU path uses the same rule.
+template <typename Acc>
+__device__ __forceinline__ Acc simt_keep_scale(const AttentionParams& p) {
+  if (!(p.dropout_p > 0.0)) return Acc(1);
+  return p.dropout_p < 1.0 ? Acc(1) / (Acc(1) - static_cast<Acc>(p.dropout_p)) : Acc(0);
+}
+
 // Dot product of a shared-memory row (Acc) with a global row (T), computed by one lane.
 template <typename T, typename Acc>
 __device__ __forceinline__ Acc row_dot(const Acc* a, const T* b, int64_t n) {
@@ -110,7 +118,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_fwd_kernel(const Attenti
     }
   }
 
-  const Acc keep_scale = p.dropout_p > 0.f ? Acc(1) / (Acc(1) - static_cast<Acc>(p.dropout_p)) : Acc(1);
+  const Acc keep_scale = simt_keep_scale<Acc>(p);
   const Acc inv = row_sum > Acc(0) ? keep_scale / row_sum : Acc(0);
   T* out = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
 #pragma unroll
@@ -132,7 +140,7 @@ __device__ __forceinline__ bool simt_grad_element(const AttentionGradParams& p, 
   const Acc x = mods.has_transform ? mods.logit(p, s, i, j, &softcap_grad) : s * static_cast<Acc>(p.softmax_scale);
   const Acc prob = exp(x - lse);
   const bool kept = !(p.dropout_p > 0.f) || mods.keep(p, i, j);
-  const Acc keep_scale = p.dropout_p > 0.f ? Acc(1) / (Acc(1) - static_cast<Acc>(p.dropout_p)) : Acc(1);
+  const Acc keep_scale = simt_keep_scale<Acc>(p);
   dprob = kept ? dprob * keep_scale : Acc(0);
   const Acc ds = prob * (dprob - delta);
   if (with_dmask) add_dmask(p, b, h, i, j, static_cast<float>(ds));
