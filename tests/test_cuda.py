@@ -590,6 +590,24 @@ def test_dropout_p_one_gives_zeros(dtype, head_dim):
         assert torch.all(g == 0), f"dropout_p=1: d{name} not zero"
 
 
+@pytest.mark.parametrize("dtype,extra", [(torch.float32, None), (torch.float64, None), (torch.bfloat16, None),
+                                         (torch.bfloat16, "float_mask"), (torch.float32, "float_mask")],
+                         ids=["fp32-simt", "fp64-simt", "bf16-plain", "bf16-extras", "fp32-simt-mask"])
+def test_nan_query_row_propagates(dtype, extra):
+    """A NaN in a query row makes that row's output NaN (as SDPA and the CPU path do), never a
+    silent 0; every other row stays finite. (The SIMT forward's fmax dropped the NaN scores.)"""
+    q, k, v = rand(1, 2, 40, 64, dtype=dtype), rand(1, 2, 300, 64, dtype=dtype), rand(1, 2, 300, 64, dtype=dtype)
+    q[0, 1, 7, 3] = float("nan")
+    kw = {}
+    if extra == "float_mask":
+        kw["attn_mask"] = torch.randn(40, 300, device=DEV, dtype=torch.float32)
+    out = flashattn_ext.scaled_dot_product_attention(q, k, v, **kw)
+    assert out[0, 1, 7].isnan().all(), "NaN query row did not propagate"
+    nan_rows = out.isnan().any(-1)
+    nan_rows[0, 1, 7] = False
+    assert not nan_rows.any(), "NaN leaked into other rows"
+
+
 # --------------------------------------------------------------------------------------------
 # Both forward K/V pipelines (the two-stage ring is the default where it fits, e.g. H100; the
 # interleave elsewhere). FLASHATTN_CUDA_KV_STAGES is read once per process: run each in a child.

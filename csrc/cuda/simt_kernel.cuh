@@ -32,10 +32,16 @@ __device__ __forceinline__ void store_from_acc(__nv_bfloat16* dst, float x) { *d
 __device__ __forceinline__ void store_from_acc(float* dst, float x) { *dst = x; }
 __device__ __forceinline__ void store_from_acc(double* dst, double x) { *dst = x; }
 
+// max that propagates NaN (fmax drops it: a query row of NaNs would see every score "masked",
+// skip every tile and come out as O = 0 instead of NaN as on the CPU and in SDPA).
+template <typename Acc>
+__device__ __forceinline__ Acc nan_max(Acc a, Acc b) {
+  return (a != a || b != b) ? a + b : fmax(a, b);
+}
 template <typename Acc>
 __device__ __forceinline__ Acc warp_max(Acc x) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  for (int offset = 16; offset > 0; offset /= 2) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
 }
 template <typename Acc>
@@ -96,8 +102,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_fwd_kernel(const Attenti
       const Acc s = row_dot(s_q, k + j * p.k_row_stride, p.headdim);
       x = mods.has_transform ? mods.logit(p, s, i, j) : s * static_cast<Acc>(p.softmax_scale);
     }
-    const Acc tile_max = fmax(row_max, warp_max(x));
-    if (tile_max == -INFINITY) continue;  // nothing visible yet
+    const Acc tile_max = nan_max(row_max, warp_max(x));
+    if (tile_max == -INFINITY) continue;  // nothing visible yet (a NaN score does not skip)
     const Acc correction = row_max == -INFINITY ? Acc(0) : exp(row_max - tile_max);
     Acc prob = exp(x - tile_max);
     row_sum = row_sum * correction + warp_sum(prob);
