@@ -4,7 +4,9 @@
 # Writes the full ptxas report to $1 (default build/ptxas_report.txt) and a per-kernel summary
 # (registers, spill stores/loads, stack, dynamic shared memory) to $1.summary and stdout.
 # Fails on any compile error, if a forward kernel for head dims <= 128 spills, or if the NumPy
-# model of the fragment addressing (csrc/cuda/tools/check_fragments.py) disagrees.
+# model of the fragment addressing (csrc/cuda/tools/check_fragments.py) or the model of the tile
+# ranges / deterministic turns / block-sparse mapping / pipeline schedules
+# (csrc/cuda/tools/check_schedules.py) disagrees.
 #
 #   FLASHATTN_CI_ARCHS="80 90"   architectures (default: both)
 #   FLASHATTN_CI_JOBS=2          parallel nvcc processes
@@ -59,6 +61,14 @@ if python3 -c "import numpy" 2>/dev/null; then
   }
   echo "fragment model check: ok ($(grep -c ok "$WORK/fragments.log") tile configurations)"
 fi
+# Band ranges, deterministic dQ turns, block-sparse mapping and the shared-memory pipeline
+# schedules, mirrored in plain Python (~5 s).
+python3 csrc/cuda/tools/check_schedules.py >"$WORK/schedules.log" 2>&1 || {
+  cat "$WORK/schedules.log" >&2
+  echo "compile_cuda.sh: schedule model check failed" >&2
+  exit 1
+}
+echo "schedule model check: ok"
 
 mapfile -t FILES < <(find csrc/cuda -name '*.cu' | sort)
 echo "compile_cuda.sh: ${#FILES[@]} translation units x archs [$ARCHS], $JOBS jobs"
