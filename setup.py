@@ -7,7 +7,7 @@ Environment:
                                   (auto); 1 forces them (fails without nvcc), 0 leaves them out.
   FLASHATTN_CUDA_HEADDIMS=64,128  only these tensor-core head-dim buckets (development builds)
   FLASHATTN_CUDA_DTYPES=bf16      only these tensor-core dtypes (fp16, bf16)
-  TORCH_CUDA_ARCH_LIST            target GPUs; default "8.0;9.0"
+  TORCH_CUDA_ARCH_LIST            target GPUs; default "8.0;9.0+PTX"
   FLASHATTN_CPU_CAPABILITY        AVX512 | AVX2 | DEFAULT; default: what torch detects on the build
                                   machine (the CPU kernels are compiled for it)
   MAX_JOBS                        parallel compile jobs (ninja)
@@ -104,7 +104,8 @@ def make_extension():
     if not want_cuda():
         return CppExtension("flashattn_ext._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # sm_80 and sm_90 machine code, plus sm_90 PTX so newer GPUs JIT it instead of failing.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     cuda_sources, defines = cuda_sources_and_defines()
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
             "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",

@@ -23,6 +23,9 @@ namespace {
 
 std::atomic<bool> g_poison{false};
 
+// The CUDA SIMT path's limit (csrc/cuda/simt_kernel.cuh); tensor cores take up to 256.
+constexpr int64_t kCudaMaxHeadDim = 512;
+
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream os;
   os << "(";
@@ -97,6 +100,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     q.size(-1), " and key ", k.size(-1));
   TORCH_CHECK_VALUE(q.size(-1) > 0 && v.size(-1) > 0, "flashattn_ext: head dims must be at least 1, got query ",
                     q.size(-1), " and value ", v.size(-1));
+  TORCH_CHECK_VALUE(!q.is_cuda() || (q.size(-1) <= kCudaMaxHeadDim && v.size(-1) <= kCudaMaxHeadDim),
+                    "flashattn_ext: head dims above ", kCudaMaxHeadDim, " are not supported on CUDA, got query ",
+                    q.size(-1), " and value ", v.size(-1), " (CPU takes any head dim)");
   TORCH_CHECK_VALUE(o.dropout_p >= 0.0 && o.dropout_p <= 1.0,
                     "flashattn_ext: dropout_p must be between 0 and 1, got ", o.dropout_p);
   TORCH_CHECK_VALUE(o.softcap >= 0.0 && std::isfinite(o.softcap),
@@ -445,8 +451,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                     "flashattn_ext: mask_grad needs a floating-point attn_mask");
 
   at::Tensor dq = allocate_grad(q), dk = allocate_grad(k), dv = allocate_grad(v);
-  at::Tensor dmask = mask_grad ? at::zeros(o.attn_mask->sizes(), q.options().dtype(at::kFloat))
-                               : at::empty({0}, q.options());
+  // The CUDA backward zeroes dmask itself (through the strides it accumulates into).
+  at::Tensor dmask = !mask_grad    ? at::empty({0}, q.options())
+                     : q.is_cuda() ? at::empty(o.attn_mask->sizes(), q.options().dtype(at::kFloat))
+                                   : at::zeros(o.attn_mask->sizes(), q.options().dtype(at::kFloat));
   poison({dq, dk, dv});
   if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0 || out.numel() == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();

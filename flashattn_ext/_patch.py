@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ._api import scaled_dot_product_attention as _ours
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CUDA_MAX_HEADDIM = 512  # csrc/ops.cpp kCudaMaxHeadDim
 
 
 def _tracing_tensor_types():
@@ -42,6 +43,9 @@ def unsupported_reason(query, key, value, attn_mask=None):
         return "this build of flashattn_ext has no CUDA kernels"
     if isinstance(query, torch.Tensor) and query.dtype not in _DTYPES:
         return f"dtype {query.dtype}"
+    if device is not None and device.type == "cuda" and isinstance(value, torch.Tensor) and \
+            max(query.shape[-1], value.shape[-1]) > _CUDA_MAX_HEADDIM:
+        return f"head dim above {_CUDA_MAX_HEADDIM} on CUDA"
     if not torch.compiler.is_compiling() and isinstance(query, torch.Tensor) and \
             torch._C._functorch.is_batchedtensor(query):
         return "vmap (functorch batched tensors)"

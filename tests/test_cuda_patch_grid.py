@@ -77,3 +77,15 @@ def test_patched_sdpa_grid(shape, mask_kind, dropout_p, dtype):
     assert_close("out", out, ref, base)
     for name, a, r, b in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, base_grads):
         assert_close(name, a, r, b)
+
+
+def test_head_dim_above_cuda_limit_is_a_clear_error_and_patch_falls_back():
+    import warnings
+    q = rand(1, 2, 16, 520, dtype=torch.float32)
+    with pytest.raises(ValueError, match="head dims above 512 are not supported on CUDA"):
+        flashattn_ext.scaled_dot_product_attention(q, q, q)
+    with flashattn_ext.patch_sdpa() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = F.scaled_dot_product_attention(q, q, q)
+    assert patch.fallbacks == {"head dim above 512 on CUDA": 1}
+    assert torch.isfinite(out).all()
