@@ -136,7 +136,7 @@ struct WidenPolicy {
     return a_rows(x, ld, k, n, buf, ldb);
   }
   static void b_transposed(const T* x, int64_t ld, int64_t n, int64_t k, op_t* buf) {
-    // Widen row by row into the tail of nothing: transpose in 16-row slabs through a small buffer.
+    // Widen 16 rows at a time into a small fp32 slab, then transpose the slab into place.
     constexpr int64_t kSlab = 16;
     float slab[kSlab * 512];
     for (int64_t c0 = 0; c0 < k; c0 += 512) {
