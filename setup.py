@@ -10,6 +10,11 @@ Environment:
   TORCH_CUDA_ARCH_LIST            target GPUs; default "8.0;9.0+PTX"
   FLASHATTN_CPU_CAPABILITY        AVX512 | AVX2 | DEFAULT; default: what torch detects on the build
                                   machine (the CPU kernels are compiled for it)
+  FLASHATTN_BUILD_EMULATOR=1      also build flashattn_ext/libflashattn_emulator.so: the CUDA kernels
+                                  compiled by g++ for the host emulator (csrc/cuda/emulator), which
+                                  the cuda_emulated tests run on the CPU; needs g++ and the CUDA
+                                  headers only (no GPU, no CUDA torch). Honours the two restrictions
+                                  above.
   MAX_JOBS                        parallel compile jobs (ninja)
 """
 
@@ -79,7 +84,7 @@ def cuda_sources_and_defines():
     defines = [f"-DFLASHATTN_NO_HDIM_{d}" for d in CUDA_HEADDIMS if d not in headdims]
     defines += [f"-DFLASHATTN_NO_{t.upper()}" for t in CUDA_DTYPES if t not in dtypes]
     sources = []
-    for path in sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True)):
+    for path in sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/instantiations/*.cu")):
         m = re.search(r"instantiations/\w+_hdim(\d+)_(fp16|bf16)\.cu$", path)
         if m and (int(m.group(1)) not in headdims or m.group(2) not in dtypes):
             continue
@@ -95,6 +100,31 @@ def extra_nvcc_flags():
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
+def build_emulator(ext_dir):
+    """FLASHATTN_BUILD_EMULATOR=1: builds the emulated CUDA backend beside _C (incremental)."""
+    if os.environ.get("FLASHATTN_BUILD_EMULATOR", "0").strip() != "1":
+        return
+    sys.path.insert(0, os.path.join(ROOT, "csrc", "cuda", "emulator"))
+    import build as emulator_build  # csrc/cuda/emulator/build.py
+    sys.path.pop(0)
+    why = emulator_build.missing_reason()
+    if why:
+        print(f"flashattn_ext: CUDA emulator not built: {why}; the cuda_emulated tests will skip")
+        return
+    sources, defines = cuda_sources_and_defines()
+    jobs = os.environ.get("MAX_JOBS")
+    lib = emulator_build.build(os.path.join(ROOT, "build", "emulator"), [os.path.join(ROOT, s) for s in sources],
+                               defines, jobs=int(jobs) if jobs else None)
+    os.makedirs(ext_dir, exist_ok=True)
+    shutil.copy2(lib, os.path.join(ext_dir, emulator_build.LIBRARY))
+
+
+class BuildExt(BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)):
+    def run(self):
+        super().run()
+        build_emulator(os.path.dirname(self.get_ext_fullpath("flashattn_ext._C")))
+
+
 def make_extension():
     os.chdir(ROOT)
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-sign-compare", "-Wno-maybe-uninitialized"] + cpu_capability_flags()
@@ -103,7 +133,7 @@ def make_extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda():
         return CppExtension("flashattn_ext._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp", "-ldl"])
     # sm_80 and sm_90 machine code, plus sm_90 PTX so newer GPUs JIT it instead of failing.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     cuda_sources, defines = cuda_sources_and_defines()
@@ -114,7 +144,7 @@ def make_extension():
                          include_dirs=include_dirs,
                          define_macros=[("FLASHATTN_WITH_CUDA", "1")],
                          extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
-                         extra_link_args=["-fopenmp"])
+                         extra_link_args=["-fopenmp", "-ldl"])
 
 
 setup(
@@ -123,6 +153,6 @@ setup(
     description="FlashAttention as a PyTorch C++/CUDA extension: a drop-in for scaled_dot_product_attention",
     packages=find_packages(include=["flashattn_ext", "flashattn_ext.*"]),
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={"build_ext": BuildExt},
     python_requires=">=3.9",
 )

@@ -70,7 +70,7 @@ python3 csrc/cuda/tools/check_schedules.py >"$WORK/schedules.log" 2>&1 || {
 }
 echo "schedule model check: ok"
 
-mapfile -t FILES < <(find csrc/cuda -name '*.cu' | sort)
+mapfile -t FILES < <(find csrc/cuda -name '*.cu' -not -path 'csrc/cuda/emulator/*' | sort)
 echo "compile_cuda.sh: ${#FILES[@]} translation units x archs [$ARCHS], $JOBS jobs"
 T0=$SECONDS
 # Largest first (the instantiation files) so the two workers finish together.

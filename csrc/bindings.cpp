@@ -47,4 +47,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_poison_outputs", &flashattn::set_poison_outputs,
         "Testing: fill every output buffer with NaN before the kernels write it.");
   m.def("poison_outputs", &flashattn::poison_outputs);
+  m.def("emulator_load", &flashattn::emulator_load,
+        "Testing: dlopen libflashattn_emulator.so (the CUDA kernels on the host emulator); '' or why not.");
+  m.def("emulator_configure", &flashattn::emulator_configure,
+        "Testing: route CPU tensors through the emulated CUDA kernels (schedule 0 lockstep, 1 warp "
+        "ascending, 2 warp descending, 3 random; cp.async landing; emulated sm).");
+  m.def("emulating_cuda", &flashattn::emulating_cuda);
+  m.def("emulator_compiled", &flashattn::emulator_compiled);
+  m.def("emulator_selftest", &flashattn::emulator_selftest,
+        "Testing: run one of the emulator's planted-bug kernels; its report ('' if it found nothing).");
 }

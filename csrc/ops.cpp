@@ -26,6 +26,10 @@ std::atomic<bool> g_poison{false};
 // The CUDA SIMT path's limit (csrc/cuda/simt_kernel.cuh); tensor cores take up to 256.
 constexpr int64_t kCudaMaxHeadDim = 512;
 
+// CUDA tensors, and CPU tensors while the host emulator is on (tests), take the CUDA kernels'
+// launch path (csrc/cuda/launch.h); other CPU tensors the CPU kernels.
+bool runs_cuda_kernels(const at::Tensor& q) { return q.is_cuda() || emulating_cuda(); }
+
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream os;
   os << "(";
@@ -100,7 +104,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     q.size(-1), " and key ", k.size(-1));
   TORCH_CHECK_VALUE(q.size(-1) > 0 && v.size(-1) > 0, "flashattn_ext: head dims must be at least 1, got query ",
                     q.size(-1), " and value ", v.size(-1));
-  TORCH_CHECK_VALUE(!q.is_cuda() || (q.size(-1) <= kCudaMaxHeadDim && v.size(-1) <= kCudaMaxHeadDim),
+  TORCH_CHECK_VALUE(!runs_cuda_kernels(q) || (q.size(-1) <= kCudaMaxHeadDim && v.size(-1) <= kCudaMaxHeadDim),
                     "flashattn_ext: head dims above ", kCudaMaxHeadDim, " are not supported on CUDA, got query ",
                     q.size(-1), " and value ", v.size(-1), " (CPU takes any head dim)");
   TORCH_CHECK_VALUE(o.dropout_p >= 0.0 && o.dropout_p <= 1.0,
@@ -373,6 +377,24 @@ void read_philox(AttentionParams& p, const at::Tensor& rng_state) {
   p.philox_offset = static_cast<uint64_t>(s[1].item<int64_t>());
 }
 
+void cuda_kernels_forward(AttentionParams& p, const at::Tensor& q, at::Tensor& rng_state) {
+  if (q.is_cpu()) return emulated_forward(p, rng_state);
+#ifdef FLASHATTN_WITH_CUDA
+  cuda_forward(p, q, rng_state);
+#else
+  TORCH_CHECK(false, "flashattn_ext was built without CUDA support; rebuild with a CUDA torch and nvcc");
+#endif
+}
+
+void cuda_kernels_backward(AttentionGradParams& p, const at::Tensor& q, const at::Tensor& rng_state) {
+  if (q.is_cpu()) return emulated_backward(p, rng_state);
+#ifdef FLASHATTN_WITH_CUDA
+  cuda_backward(p, q, rng_state);
+#else
+  TORCH_CHECK(false, "flashattn_ext was built without CUDA support; rebuild with a CUDA torch and nvcc");
+#endif
+}
+
 void poison(std::initializer_list<at::Tensor> ts) {
   if (!g_poison.load()) return;
   for (const at::Tensor& t : ts)
@@ -407,25 +429,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse, rng_state};
   }
-  if (q.is_cpu()) {
+  if (!runs_cuda_kernels(q)) {
     if (p.dropout_p > 0) draw_cpu_philox(p, rng_state);
     cpu::forward(p);
     return {out, lse, rng_state};
   }
-#ifdef FLASHATTN_WITH_CUDA
   if (p.lse64) {  // the CUDA kernels write a float lse; fp64 callers get it widened
     at::Tensor lse32 = at::empty(lse.sizes(), lse.options().dtype(at::kFloat));
     p.lse64 = nullptr;
     p.lse = lse32.data_ptr<float>();
-    cuda_forward(p, q, rng_state);
+    cuda_kernels_forward(p, q, rng_state);
     lse.copy_(lse32);
     return {out, lse, rng_state};
   }
-  cuda_forward(p, q, rng_state);
+  cuda_kernels_forward(p, q, rng_state);
   return {out, lse, rng_state};
-#else
-  TORCH_CHECK(false, "flashattn_ext was built without CUDA support; rebuild with a CUDA torch and nvcc");
-#endif
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
@@ -452,9 +470,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
   at::Tensor dq = allocate_grad(q), dk = allocate_grad(k), dv = allocate_grad(v);
   // The CUDA backward zeroes dmask itself (through the strides it accumulates into).
-  at::Tensor dmask = !mask_grad    ? at::empty({0}, q.options())
-                     : q.is_cuda() ? at::empty(o.attn_mask->sizes(), q.options().dtype(at::kFloat))
-                                   : at::zeros(o.attn_mask->sizes(), q.options().dtype(at::kFloat));
+  const bool cuda_kernels = runs_cuda_kernels(q);
+  at::Tensor dmask = !mask_grad     ? at::empty({0}, q.options())
+                     : cuda_kernels ? at::empty(o.attn_mask->sizes(), q.options().dtype(at::kFloat))
+                                    : at::zeros(o.attn_mask->sizes(), q.options().dtype(at::kFloat));
   poison({dq, dk, dv});
   if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0 || out.numel() == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();
@@ -481,7 +500,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   p.dk_batch_stride = dk4.stride(0), p.dk_head_stride = dk4.stride(1), p.dk_row_stride = dk4.stride(2);
   p.dv_batch_stride = dv4.stride(0), p.dv_head_stride = dv4.stride(1), p.dv_row_stride = dv4.stride(2);
   p.deterministic = deterministic;
-  if (p.dropout_p > 0 && q.is_cpu()) read_philox(p, rng_state);
+  if (p.dropout_p > 0 && !cuda_kernels) read_philox(p, rng_state);
 
   // dmask accumulates in fp32 through the broadcast view of the mask's own shape (or, when its
   // batch dims cannot be folded, of a batch-materialized buffer summed down afterwards).
@@ -503,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     p.dmask_col_stride = view.stride(-1);
   }
 
-  if (q.is_cpu()) {
+  if (!cuda_kernels) {
     const int64_t accum = cpu::backward_dq_accum_elems(p);
     at::Tensor dq_accum;
     if (accum > 0) {
@@ -512,7 +531,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     }
     cpu::backward(p);
   } else {
-#ifdef FLASHATTN_WITH_CUDA
     at::Tensor delta = at::empty({p.batch * p.num_heads * p.seqlen_q}, q.options().dtype(at::kFloat));
     p.delta = delta.data_ptr<float>();
     at::Tensor lse32;
@@ -521,10 +539,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       p.lse64 = nullptr;
       p.lse = lse32.data_ptr<float>();
     }
-    cuda_backward(p, q, rng_state);
-#else
-    TORCH_CHECK(false, "flashattn_ext was built without CUDA support; rebuild with a CUDA torch and nvcc");
-#endif
+    cuda_kernels_backward(p, q, rng_state);
   }
   if (mask_grad) {
     if (dmask_acc.defined()) dmask.copy_(at::sum_to(dmask_acc, dmask.sizes()));
@@ -597,11 +612,12 @@ at::Tensor dropout_mask_kernel(const at::Tensor& q, const at::Tensor& k, const a
   p.dropout_p = dropout_p;
   at::Tensor keep = at::empty(score_shape(q, k), q.options().dtype(at::kBool));
   if (keep.numel() == 0) return keep;
-  if (q.is_cpu()) {
+  if (!runs_cuda_kernels(q)) {
     read_philox(p, rng_state);
     cpu::dropout_mask(p, reinterpret_cast<uint8_t*>(keep.data_ptr<bool>()));
     return keep;
   }
+  if (q.is_cpu()) return emulated_dropout_mask(p, rng_state).view(keep.sizes());
 #ifdef FLASHATTN_WITH_CUDA
   return cuda_dropout_mask(p, rng_state).view(keep.sizes());
 #else

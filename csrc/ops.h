@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "attention_params.h"
@@ -37,6 +38,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 // Debug switch for tests: fill every output buffer with NaN before the kernels run.
 void set_poison_outputs(bool on);
 bool poison_outputs();
+
+// csrc/ops_emulated.cpp: the CUDA kernels on the host emulator, for CPU tensors while a test has
+// switched it on (flashattn_ext.testing.emulated_cuda). emulator_load returns "" or why it failed.
+std::string emulator_load(const std::string& path);
+void emulator_configure(bool enabled, int schedule, int64_t seed, bool copies_land_at_issue, int64_t sm_major,
+                        int64_t sm_minor);
+bool emulating_cuda();
+std::string emulator_compiled(bool headdims);
+std::string emulator_selftest(const std::string& name, int schedule);  // the report, "" if none  // the emulated build's head-dim buckets or dtypes
+void emulated_forward(AttentionParams& p, at::Tensor& rng_state);
+void emulated_backward(AttentionGradParams& p, const at::Tensor& rng_state);
+at::Tensor emulated_dropout_mask(AttentionParams& p, const at::Tensor& rng_state);
 
 #ifdef FLASHATTN_WITH_CUDA
 // csrc/ops_cuda.cpp: run the CUDA kernels on the current stream of q's device.

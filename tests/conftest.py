@@ -7,8 +7,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import flashattn_ext  # noqa: E402
+import flashattn_ext  # noqa: E402, F401
 from flashattn_ext.testing import poison_outputs  # noqa: E402
+
+import cuda_testing  # noqa: E402
 
 # Tolerances against the float64 reference, per dtype, relative to the reference's magnitude:
 # |ours - ref| <= atol * max(1, max|ref|) elementwise-max. fp32 runs an approximate exp (20 ulp);
@@ -43,3 +45,17 @@ def _fresh_seed_and_poison(request):
 def rand(*shape, dtype=torch.float32, requires_grad=False, device="cpu"):
     t = torch.randn(*shape, dtype=torch.float32, device=device).to(dtype)
     return t.requires_grad_(requires_grad)
+
+
+def pytest_generate_tests(metafunc):
+    """The CUDA test modules run every test on each CUDA device: the GPU, and the host emulator
+    under each schedule (cuda_testing.device_params)."""
+    if "cuda_device" in metafunc.fixturenames:
+        schedules = getattr(metafunc.module, "EMULATED_SCHEDULES", cuda_testing.EMULATED_SCHEDULES)
+        metafunc.parametrize("cuda_device", cuda_testing.device_params(schedules), indirect=True)
+
+
+@pytest.fixture
+def cuda_device(request):
+    with cuda_testing.activate(request.param):
+        yield cuda_testing.DEV

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 if torch.cuda.is_available():
     from flashattn_ext.testing import dropout_mask
-    from test_cuda import assert_close, rand, reference
+    from cuda_testing import assert_close, rand, reference
 
 P = 0.2
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 if torch.cuda.is_available():
     import flashattn_ext
     from flashattn_ext.testing import dropout_mask, poison_outputs
-    from test_cuda import assert_close, rand, reference
+    from cuda_testing import assert_close, rand, reference
 
 SHAPES = [  # (B, H, Hk, L, S, E)
     (2, 4, 4, 128, 128, 64),

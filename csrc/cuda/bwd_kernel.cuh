@@ -58,12 +58,6 @@ struct BwdTraits {
   static constexpr int kSmemBytes = kFixedBytes + kStages * kStageBytes;
 };
 
-__device__ __forceinline__ int ld_acquire(const int* ptr) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
-  return v;
-}
-
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const AttentionGradParams p, const bool vectorized) {
   using Element = typename Traits::Element;

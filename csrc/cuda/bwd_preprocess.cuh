@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../attention_params.h"
+#include "runtime.h"
 
 namespace flashattn::cuda {
 

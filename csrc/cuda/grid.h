@@ -1,7 +1,7 @@
 // Launch-grid helpers shared by the launchers (host side).
 #pragma once
 
-#include <cuda_runtime.h>
+#include "runtime.h"
 
 #include <cstdint>
 

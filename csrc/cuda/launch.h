@@ -1,7 +1,7 @@
 // The interface between the op layer (csrc/ops_cuda.cpp) and the CUDA kernels. Torch-free.
 #pragma once
 
-#include <cuda_runtime.h>
+#include "runtime.h"
 
 #include <cstddef>
 

@@ -18,7 +18,8 @@ cudaError_t launch_fwd_kernel(const AttentionParams& p, const LaunchOptions& opt
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<tile_grid(m_blocks, p.batch * p.num_heads), Traits::kThreads, smem_bytes, stream>>>(p, opt.vectorized);
+  FLASHATTN_LAUNCH(tile_grid(m_blocks, p.batch * p.num_heads), Traits::kThreads, smem_bytes, stream,
+                   fwd_kernel<Traits>)(p, opt.vectorized);
   return cudaGetLastError();
 }
 
@@ -41,7 +42,8 @@ cudaError_t launch_bwd_kernel(const AttentionGradParams& p, const LaunchOptions&
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<tile_grid(n_blocks, p.batch * p.num_heads_k), Traits::kThreads, smem_bytes, stream>>>(p, opt.vectorized);
+  FLASHATTN_LAUNCH(tile_grid(n_blocks, p.batch * p.num_heads_k), Traits::kThreads, smem_bytes, stream,
+                   bwd_kernel<Traits>)(p, opt.vectorized);
   return cudaGetLastError();
 }
 
@@ -53,7 +55,7 @@ cudaError_t launch_bwd(const AttentionGradParams& p, const LaunchOptions& opt, c
   if (err != cudaSuccess) return err;
   const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
   if (rows == 0) return cudaSuccess;
-  dq_convert_kernel<Element><<<static_cast<unsigned>(ceil_div(rows, 8)), dim3(32, 8), 0, stream>>>(p, kHeadDim);
+  FLASHATTN_LAUNCH(static_cast<unsigned>(ceil_div(rows, 8)), dim3(32, 8), 0, stream, dq_convert_kernel<Element>)(p, kHeadDim);
   return cudaGetLastError();
 }
 

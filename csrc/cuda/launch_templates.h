@@ -1,7 +1,7 @@
 // Per-(dtype, head-dim bucket) launchers, each defined in one instantiations/*.cu translation unit.
 #pragma once
 
-#include <cuda_runtime.h>
+#include "runtime.h"
 
 #include "../attention_params.h"
 

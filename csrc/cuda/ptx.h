@@ -1,12 +1,20 @@
-// Thin wrappers over the PTX instructions the tensor-core kernels are built from:
-// cp.async (global -> shared, 16 bytes, zero-filling), ldmatrix (x4, plain and .trans),
-// mma.sync m16n8k16 with fp32 accumulation, ex2.approx. Nothing here knows about attention.
+// Thin wrappers over the PTX instructions the kernels are built from: cp.async (global ->
+// shared, 16 bytes, zero-filling), ldmatrix (x4, plain and .trans), mma.sync m16n8k16 with fp32
+// accumulation, red.global.add, ld.acquire, ex2.approx. Nothing here knows about attention. This
+// is the only file with inline PTX: under FLASHATTN_CUDA_EMULATE the host emulator provides the
+// same functions (emulator/ptx.h), so g++ can compile every kernel for it.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+
+#include "runtime.h"
+
+#ifdef FLASHATTN_CUDA_EMULATE
+#include "emulator/ptx.h"
+#else
 
 namespace flashattn::cuda {
 
@@ -26,16 +34,17 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// Four 8x8 matrices of 16-bit elements; lane i gives the address of row (i % 8) of matrix i / 8.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+// Four 8x8 matrices of 16-bit elements from a shared-memory address (smem_u32); lane i gives
+// the address of row (i % 8) of matrix i / 8.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(smem_row)));
+               : "r"(addr));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(smem_row)));
+               : "r"(addr));
 }
 
 // D = A (16x16, row) * B (16x8, col) + D, fp32 accumulators.
@@ -60,20 +69,6 @@ __device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two fp32 values -> one register of two 16-bit elements (lo in the low half).
-template <typename Element>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
 // Fire-and-forget fp32 additions to global memory (RED, no value returned). sm90 adds two
 // adjacent floats (8-byte aligned) in one instruction.
 __device__ __forceinline__ void red_add_f32(float* ptr, float v) {
@@ -93,6 +88,33 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+// An acquire load at GPU scope (the deterministic backward's turn counter).
+__device__ __forceinline__ int ld_acquire(const int* ptr) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
+}  // namespace flashattn::cuda
+
+#endif  // FLASHATTN_CUDA_EMULATE
+
+namespace flashattn::cuda {
+
+// Two fp32 values -> one register of two 16-bit elements (lo in the low half).
+template <typename Element>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
 }
 
 }  // namespace flashattn::cuda

@@ -15,7 +15,7 @@ cudaError_t simt_fwd(const AttentionParams& p, cudaStream_t stream) {
   const int64_t tiles = ceil_div(p.seqlen_q, kSimtWarps);
   if (tiles == 0 || p.batch * p.num_heads == 0) return cudaSuccess;
   const size_t smem = kSimtWarps * p.headdim * sizeof(Acc);
-  simt_fwd_kernel<T><<<tile_grid(tiles, p.batch * p.num_heads), 32 * kSimtWarps, smem, stream>>>(p);
+  FLASHATTN_LAUNCH(tile_grid(tiles, p.batch * p.num_heads), 32 * kSimtWarps, smem, stream, simt_fwd_kernel<T>)(p);
   return cudaGetLastError();
 }
 
@@ -25,12 +25,13 @@ cudaError_t simt_bwd(const AttentionGradParams& p, cudaStream_t stream) {
   const size_t smem = kSimtWarps * (p.headdim + p.headdim_v) * sizeof(Acc);
   const int64_t q_tiles = ceil_div(p.seqlen_q, kSimtWarps), k_tiles = ceil_div(p.seqlen_k, kSimtWarps);
   if (q_tiles > 0 && p.batch * p.num_heads > 0) {
-    simt_bwd_dq_kernel<T><<<tile_grid(q_tiles, p.batch * p.num_heads), 32 * kSimtWarps, smem, stream>>>(p);
+    FLASHATTN_LAUNCH(tile_grid(q_tiles, p.batch * p.num_heads), 32 * kSimtWarps, smem, stream, simt_bwd_dq_kernel<T>)(p);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if (k_tiles > 0 && p.batch * p.num_heads_k > 0) {
-    simt_bwd_dkdv_kernel<T><<<tile_grid(k_tiles, p.batch * p.num_heads_k), 32 * kSimtWarps, smem, stream>>>(p);
+    FLASHATTN_LAUNCH(tile_grid(k_tiles, p.batch * p.num_heads_k), 32 * kSimtWarps, smem, stream,
+                     simt_bwd_dkdv_kernel<T>)(p);
     return cudaGetLastError();
   }
   return cudaSuccess;
@@ -40,7 +41,7 @@ template <typename T, typename Acc>
 cudaError_t preprocess(const AttentionGradParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
   if (rows == 0) return cudaSuccess;
-  bwd_preprocess_kernel<T, Acc><<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(p);
+  FLASHATTN_LAUNCH(static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream, bwd_preprocess_kernel<T, Acc>)(p);
   return cudaGetLastError();
 }
 
@@ -111,7 +112,7 @@ cudaError_t zero_dmask(const AttentionGradParams& p, cudaStream_t stream) {
   const int64_t total = nb * nh * ni * nj;
   if (total == 0) return cudaSuccess;
   const int64_t blocks = ceil_div(total, 256) < 65535 ? ceil_div(total, 256) : 65535;
-  zero_dmask_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p, nb, nh, ni, nj);
+  FLASHATTN_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream, zero_dmask_kernel)(p, nb, nh, ni, nj);
   return cudaGetLastError();
 }
 
@@ -119,7 +120,7 @@ cudaError_t run_dropout_mask_kernel(const AttentionParams& p, uint8_t* keep, cud
   const int64_t total = p.batch * p.num_heads * p.seqlen_q * ((p.seqlen_k + 3) / 4);
   if (total == 0) return cudaSuccess;
   const int64_t blocks = ceil_div(total, 256) < 65535 ? ceil_div(total, 256) : 65535;
-  dropout_mask_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p, keep);
+  FLASHATTN_LAUNCH(static_cast<unsigned>(blocks), 256, 0, stream, dropout_mask_kernel)(p, keep);
   return cudaGetLastError();
 }
 

@@ -1,7 +1,7 @@
 // Host entry points of simt.cu (the SIMT path and the small helper kernels).
 #pragma once
 
-#include <cuda_runtime.h>
+#include "runtime.h"
 
 #include <cstdint>
 

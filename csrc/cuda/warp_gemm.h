@@ -59,17 +59,6 @@ template <class Tile> using FragATrans = FragAddr<Tile, false>;  // A stored [k]
 template <class Tile> using FragB = FragAddr<Tile, false>;       // B stored [n][k]
 template <class Tile> using FragBTrans = FragAddr<Tile, true>;   // B stored [k][n]
 
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 // A fragment (16 x 16): rows m.., k-step ks.
 template <bool kATrans, class FA>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const FA& fa, int m, int ks) {

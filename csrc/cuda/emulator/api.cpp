@@ -1,0 +1,236 @@
+// libflashattn_emulator.so's interface: sets the schedule and the emulated GPU, places every
+// buffer the params reference against guard pages (extents computed from the params' own sizes
+// and strides), runs the real launchers of csrc/cuda (dispatch.cu, compiled for the emulator) and
+// copies the results back.
+#include "api.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../launch.h"
+#include "guarded_buffers.h"
+#include "internal.h"
+
+namespace flashattn::emu {
+void stats(FlashattnEmulatorStats* out);
+}
+namespace flashattn::cuda {
+cudaError_t run_emulator_selftest(const char* name, float* in, int* out, int* flag);
+}
+
+namespace {
+
+using flashattn::AttentionGradParams;
+using flashattn::AttentionParams;
+using flashattn::DType;
+using flashattn::MaskKind;
+namespace emu = flashattn::emu;
+
+std::string g_report;
+
+size_t element_bytes(DType t) {
+  switch (t) {
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat32: return 4;
+    case DType::kFloat64: return 8;
+  }
+  return 4;
+}
+
+size_t mask_element_bytes(MaskKind k) {
+  switch (k) {
+    case MaskKind::kBool: return 1;
+    case MaskKind::kFloat32: return 4;
+    case MaskKind::kFloat64: return 8;
+    case MaskKind::kFloat16:
+    case MaskKind::kBFloat16: return 2;
+    case MaskKind::kNone: return 0;
+  }
+  return 0;
+}
+
+// Bytes spanned by a (batch, heads, rows, cols) view with a contiguous last dim.
+size_t span4(int64_t batch, int64_t heads, int64_t rows, int64_t cols, int64_t sb, int64_t sh, int64_t sr,
+             size_t elem) {
+  if (batch <= 0 || heads <= 0 || rows <= 0 || cols <= 0) return 0;
+  return static_cast<size_t>((batch - 1) * sb + (heads - 1) * sh + (rows - 1) * sr + cols) * elem;
+}
+
+// Bytes spanned by a broadcast (batch, heads, rows, cols) view whose batch index b splits into
+// (b / inner, b % inner); zero strides broadcast.
+size_t span_folded(int64_t batch, int64_t heads, int64_t rows, int64_t cols, int64_t inner, int64_t outer_stride,
+                   int64_t batch_stride, int64_t head_stride, int64_t row_stride, int64_t col_stride, size_t elem) {
+  if (batch <= 0 || heads <= 0 || rows <= 0 || cols <= 0) return 0;
+  const int64_t last = (batch - 1) / inner * outer_stride + (std::min(batch, inner) - 1) * batch_stride +
+                       (heads - 1) * head_stride + (rows - 1) * row_stride + (cols - 1) * col_stride;
+  return static_cast<size_t>(last + 1) * elem;
+}
+
+void guard_forward_inputs(AttentionParams& p, emu::GuardedBuffers& g) {
+  const size_t e = element_bytes(p.dtype);
+  p.q = g.guard("q", p.q, span4(p.batch, p.num_heads, p.seqlen_q, p.headdim, p.q_batch_stride, p.q_head_stride,
+                                 p.q_row_stride, e), false);
+  p.k = g.guard("k", p.k, span4(p.batch, p.num_heads_k, p.seqlen_k, p.headdim, p.k_batch_stride, p.k_head_stride,
+                                 p.k_row_stride, e), false);
+  p.v = g.guard("v", p.v, span4(p.batch, p.num_heads_k, p.seqlen_k, p.headdim_v, p.v_batch_stride,
+                                 p.v_head_stride, p.v_row_stride, e), false);
+  if (p.mask != nullptr)
+    p.mask = g.guard("attn_mask", p.mask,
+                     span_folded(p.batch, p.num_heads, p.seqlen_q, p.seqlen_k, p.mask_batch_inner,
+                                 p.mask_batch_outer_stride, p.mask_batch_stride, p.mask_head_stride, p.mask_row_stride,
+                                 p.mask_col_stride, mask_element_bytes(p.mask_kind)),
+                     false);
+  if (p.alibi_slopes != nullptr)
+    p.alibi_slopes = g.guard("alibi_slopes", p.alibi_slopes,
+                             static_cast<size_t>((p.batch - 1) * p.alibi_batch_stride + p.num_heads) * 4, false);
+  if (p.block_mask != nullptr) {
+    const int64_t rows = (p.seqlen_q + p.block_sparse_m - 1) / p.block_sparse_m;
+    const int64_t cols = (p.seqlen_k + p.block_sparse_n - 1) / p.block_sparse_n;
+    const size_t n = span_folded(p.batch, p.num_heads, rows, cols, p.batch, 0, p.block_mask_batch_stride,
+                                 p.block_mask_head_stride, p.block_mask_row_stride, p.block_mask_col_stride, 1);
+    if (p.block_elem_index != nullptr) {
+      int32_t masks = 0;  // element masks needed: 1 + the largest index
+      for (size_t i = 0; i < n; ++i) masks = std::max(masks, p.block_elem_index[i] + 1);
+      p.block_elem_masks = g.guard("block_elem_masks", p.block_elem_masks,
+                                   static_cast<size_t>(masks) * p.block_sparse_m * p.block_sparse_n, false);
+      p.block_elem_index = g.guard("block_elem_index", p.block_elem_index, n * 4, false);
+    }
+    p.block_mask = g.guard("block_mask", p.block_mask, n, false);
+  }
+  p.philox_seed_ptr = g.guard("philox_seed", p.philox_seed_ptr, 8, false);
+  p.philox_offset_ptr = g.guard("philox_offset", p.philox_offset_ptr, 8, false);
+}
+
+size_t rows_bytes(const AttentionParams& p) { return static_cast<size_t>(p.batch * p.num_heads * p.seqlen_q) * 4; }
+
+emu::Schedule schedule_of(int s) {
+  switch (s) {
+    case 1: return emu::Schedule::kWarpAscending;
+    case 2: return emu::Schedule::kWarpDescending;
+    case 3: return emu::Schedule::kRandom;
+    default: return emu::Schedule::kLockstep;
+  }
+}
+
+void configure(const FlashattnEmulatorOptions* o) {
+  emu::Config& c = emu::config();
+  c.schedule = schedule_of(o->schedule);
+  c.seed = o->seed;
+  c.landing = o->copies_land_at_issue ? emu::CopyLanding::kAtIssue : emu::CopyLanding::kAtWait;
+  c.sm_major = o->sm_major;
+  c.sm_minor = o->sm_minor;
+  emu::clear_failure();
+}
+
+// Runs `body` (which calls the real launchers) and turns what the emulator found into the result.
+template <class Body>
+int run(emu::GuardedBuffers& g, const char** report, Body&& body) {
+  cudaError_t err = cudaSuccess;
+  try {
+    err = body();
+  } catch (const std::exception& e) {
+    emu::fail_host("%s", e.what());
+  }
+  const std::string tail = g.copy_back();
+  if (emu::failed()) {
+    g_report = emu::report();
+  } else if (!tail.empty()) {
+    g_report = tail;
+  } else if (err != cudaSuccess) {
+    g_report = std::string("CUDA error from the launchers: ") + cudaGetErrorString(err);
+  } else {
+    return 0;
+  }
+  *report = g_report.c_str();
+  return 1;
+}
+
+int run_fwd(const AttentionParams* params, const FlashattnEmulatorOptions* o, const char** report) {
+  configure(o);
+  AttentionParams p = *params;
+  emu::GuardedBuffers g;
+  guard_forward_inputs(p, g);
+  p.out = g.guard("out", p.out, span4(p.batch, p.num_heads, p.seqlen_q, p.headdim_v, p.o_batch_stride,
+                                       p.o_head_stride, p.o_row_stride, element_bytes(p.dtype)), true);
+  p.lse = g.guard("lse", p.lse, rows_bytes(p), true);
+  p.rng_state = g.guard("rng_state", p.rng_state, 16, true);
+  return run(g, report, [&] { return flashattn::cuda::run_fwd(p, nullptr, o->sm_major, o->sm_minor); });
+}
+
+size_t bwd_workspace_bytes(const AttentionGradParams* p, const FlashattnEmulatorOptions* o) {
+  configure(o);
+  return flashattn::cuda::bwd_workspace_bytes(*p, o->sm_major, o->sm_minor);
+}
+
+int run_bwd(const AttentionGradParams* params, void* workspace, size_t workspace_bytes,
+            const FlashattnEmulatorOptions* o, const char** report) {
+  configure(o);
+  AttentionGradParams p = *params;
+  const size_t e = element_bytes(p.dtype);
+  emu::GuardedBuffers g;
+  guard_forward_inputs(p, g);
+  p.out = g.guard("out", p.out, span4(p.batch, p.num_heads, p.seqlen_q, p.headdim_v, p.o_batch_stride,
+                                       p.o_head_stride, p.o_row_stride, e), false);
+  p.lse = g.guard("lse", p.lse, rows_bytes(p), false);
+  p.dout = g.guard("grad_out", p.dout, span4(p.batch, p.num_heads, p.seqlen_q, p.headdim_v, p.do_batch_stride,
+                                              p.do_head_stride, p.do_row_stride, e), false);
+  p.dq = g.guard("dq", p.dq, span4(p.batch, p.num_heads, p.seqlen_q, p.headdim, p.dq_batch_stride,
+                                    p.dq_head_stride, p.dq_row_stride, e), true);
+  p.dk = g.guard("dk", p.dk, span4(p.batch, p.num_heads_k, p.seqlen_k, p.headdim, p.dk_batch_stride,
+                                    p.dk_head_stride, p.dk_row_stride, e), true);
+  p.dv = g.guard("dv", p.dv, span4(p.batch, p.num_heads_k, p.seqlen_k, p.headdim_v, p.dv_batch_stride,
+                                    p.dv_head_stride, p.dv_row_stride, e), true);
+  p.delta = g.guard("delta", p.delta, rows_bytes(p), true);
+  if (p.dmask != nullptr)
+    p.dmask = g.guard("dmask", p.dmask,
+                      span_folded(p.batch, p.num_heads, p.seqlen_q, p.seqlen_k, p.dmask_batch_inner,
+                                  p.dmask_batch_outer_stride, p.dmask_batch_stride, p.dmask_head_stride,
+                                  p.dmask_row_stride, p.dmask_col_stride, 4),
+                      true);
+  void* ws = g.guard("workspace", workspace, workspace_bytes, true);
+  return run(g, report, [&] { return flashattn::cuda::run_bwd(p, ws, nullptr, o->sm_major, o->sm_minor); });
+}
+
+int dropout_mask(const AttentionParams* params, uint8_t* keep, const FlashattnEmulatorOptions* o,
+                 const char** report) {
+  configure(o);
+  AttentionParams p = *params;
+  emu::GuardedBuffers g;
+  p.philox_seed_ptr = g.guard("philox_seed", p.philox_seed_ptr, 8, false);
+  p.philox_offset_ptr = g.guard("philox_offset", p.philox_offset_ptr, 8, false);
+  uint8_t* k = g.guard("keep", keep, static_cast<size_t>(p.batch * p.num_heads * p.seqlen_q * p.seqlen_k), true);
+  return run(g, report, [&] { return flashattn::cuda::run_dropout_mask(p, k, nullptr); });
+}
+
+int selftest(const char* name, const FlashattnEmulatorOptions* o, const char** report) {
+  configure(o);
+  std::vector<float> in(256, 1.f);
+  std::vector<int> out(64, 0);
+  int flag = 0;
+  emu::GuardedBuffers g;
+  float* gin = g.guard("in", in.data(), in.size() * sizeof(float), false);
+  int* gout = g.guard("out", out.data(), out.size() * sizeof(int), true);
+  int* gflag = g.guard("flag", &flag, sizeof(int), false);
+  return run(g, report, [&] { return flashattn::cuda::run_emulator_selftest(name, gin, gout, gflag); });
+}
+
+const FlashattnEmulatorApi kApi = {
+    kFlashattnEmulatorAbi,
+    sizeof(AttentionParams),
+    sizeof(AttentionGradParams),
+    &flashattn::cuda::compiled_headdims,
+    &flashattn::cuda::compiled_dtypes,
+    &run_fwd,
+    &bwd_workspace_bytes,
+    &run_bwd,
+    &dropout_mask,
+    &emu::stats,
+    &selftest,
+};
+
+}  // namespace
+
+extern "C" const FlashattnEmulatorApi* flashattn_emulator_api() { return &kApi; }
