@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
 # The one script for a GPU session: build, test, sanitize, benchmark.
 #
-#   bash benchmarks/gpu_session.sh [build|test|sanitize|bench128|quick|...|all]...   (default: all)
+#   bash benchmarks/gpu_session.sh first      # the first run: ~8 min, answers the most
+#   bash benchmarks/gpu_session.sh second     # the second run, if time is left: ~10 min
+#   bash benchmarks/gpu_session.sh [stage]... # single stages (below)
 #
-# Each stage fits one 10-minute device call on its own (expected times on an H100 machine with
-# 16 cores; run the stages as separate calls when the build is cold):
-#   build     pip install -e . with MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0       ~3-5 min cold
-#   test      the whole pytest suite (tests/test_cuda.py ~2-3 min of it)         ~4 min
-#   sanitize  compute-sanitizer memcheck, racecheck, synccheck on small configs   ~4 min
-#   bench128  bench_attention.py --headdims 128 (all S, causal and not, 5 backends)  ~4 min
-#   bench64, bench256  the same for head dims 64 and 256                          ~4 min each
-#   bench     bench64 + bench128 + bench256 (only when the time allows: ~12 min)
-#   quick     bench_attention.py --quick (D=128, S in {1k, 8k})                   ~1 min
-#   masked    bench_masked.py: padding / 4-D float masks vs EFFICIENT, CUDNN; dropout cost   ~2 min
-#   sparse    bench_sparse.py: density sweep vs dense and FlexAttention; 64K sliding window  ~4 min
-# (FlexAttention compiles once per shape, which dominates the benchmark's time.)
-# PYTEST_EXTRA="-k test_cuda" narrows the test stage (e.g. when time is short).
+# GPU time is rare and short (15 minutes a session, calls of at most 10, a minute or more of it
+# spent starting): plan both runs before starting. Every kernel has already passed the emulated
+# suite on the CPU (tests/test_cuda.py, cuda_emulated): the GPU run confirms and measures.
+#
+#   first = build_restricted test_restricted sanitize_small quick
+#     build_restricted  sm_90 only, head dims 64 and 128, bf16 + fp16, MAX_JOBS=16. Measured on the
+#                       2-core development machine (nvcc 13.0, no GPU): the 10 CUDA translation
+#                       units of this set take 81 s of nvcc time in all
+#                       (serial, sm_90 only), the longest 13 s (fwd d=128); the torch-side C++ ~130 s serial.
+#                       With 16 jobs expect ~1.5 min.                                   ~2 min
+#     test_restricted   the GPU cases of test_cuda.py and test_cuda_graphs.py (-m cuda); other
+#                       head dims run in the next compiled bucket or on the SIMT path   ~2 min
+#     sanitize_small    compute-sanitizer memcheck on 3 small configurations            ~1 min
+#     quick             bench_attention.py --quick: D=128; S 1k, 4k, 16k; fwd and fwd+bwd;
+#                       causal and not; ours vs torch's FLASH and CUDNN                 ~1.5 min
+#   second = build test sanitize masked sparse bench128
+#     build             every bucket and dtype (TORCH_CUDA_ARCH_LIST=9.0)              ~3-5 min cold
+#     test              the whole pytest suite                                          ~4 min
+#     sanitize          memcheck (all), racecheck and synccheck (one head dim each)     ~4 min
+#     bench128, bench64, bench256, bench   bench_attention.py per head dim (~4 min each)
+#     masked            bench_masked.py: padding / 4-D float masks vs EFFICIENT, CUDNN; dropout  ~2 min
+#     sparse            bench_sparse.py: density sweep vs dense and FlexAttention; 64K window     ~4 min
+# (FlexAttention compiles once per shape, which dominates its benchmarks' time.)
+# PYTEST_EXTRA="-k test_cuda" narrows the test stages.
 # Logs go to $OUT (if set, else build/gpu_session/): build.log, test.log, sanitize.log, bench.log,
 # bench_masked.log, bench_sparse.log, bench_results.tar.gz (benchmarks/results/<gpu>/), summary.txt
-# (printed last). At most 8 files,
-# so they all come back from a device call.
+# (printed last). At most 8 files, so they all come back from a device call.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,7 +40,7 @@ LOGS=${OUT:-$ROOT/build/gpu_session}
 mkdir -p "$LOGS"
 SUMMARY=$LOGS/summary.txt
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(all)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(first)
 PY=${PYTHON:-python}
 read -r -a PYTEST_ARGS <<<"${PYTEST_EXTRA:-}"  # e.g. PYTEST_EXTRA="-k cuda -x"
 export MAX_JOBS=${MAX_JOBS:-16}
@@ -45,7 +57,8 @@ stamp() { date -u +%H:%M:%S; }
 
 stage_build() {
   local t0=$SECONDS
-  note "-- build ($(stamp)): MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+  note "-- build ($(stamp)): MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" \
+    "FLASHATTN_CUDA_HEADDIMS=${FLASHATTN_CUDA_HEADDIMS:-all} FLASHATTN_CUDA_DTYPES=${FLASHATTN_CUDA_DTYPES:-all}"
   if $PY -m pip install --no-build-isolation -v -e . >"$LOGS/build.log" 2>&1; then
     note "build: ok in $((SECONDS - t0)) s"
     $PY -c "import flashattn_ext, json; print(json.dumps(flashattn_ext.build_info(), default=str))" 2>&1 | tee -a "$SUMMARY"
@@ -56,21 +69,23 @@ stage_build() {
   fi
 }
 
-stage_test() {
+stage_test() {  # $@: what to test (default: the whole suite)
   local t0=$SECONDS
-  note "-- test ($(stamp))"
+  note "-- test ($(stamp)) ${*:-tests/}"
   local extra=()
   $PY -c "import pytest_timeout" 2>/dev/null && extra=(--timeout=600)
-  $PY -m pytest -q -p no:cacheprovider -rs "${extra[@]}" tests/ "${PYTEST_ARGS[@]}" >"$LOGS/test.log" 2>&1
+  local what=("$@")
+  [[ ${#what[@]} -eq 0 ]] && what=(tests/)
+  $PY -m pytest -q -p no:cacheprovider -rs "${extra[@]}" "${what[@]}" "${PYTEST_ARGS[@]}" >"$LOGS/test.log" 2>&1
   local rc=$?
   note "test: rc=$rc in $((SECONDS - t0)) s: $(tail -1 "$LOGS/test.log")"
   grep -E "^(FAILED|ERROR)" "$LOGS/test.log" | head -30 | tee -a "$SUMMARY"
   return $rc
 }
 
-stage_sanitize() {
-  local t0=$SECONDS rc=0
-  note "-- sanitize ($(stamp))"
+stage_sanitize() {  # $1 = small: memcheck on three configurations only
+  local t0=$SECONDS rc=0 small=${1:-}
+  note "-- sanitize ($(stamp)) ${small}"
   local cs
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [[ -z "$cs" ]]; then
@@ -78,9 +93,12 @@ stage_sanitize() {
     return 1
   fi
   : >"$LOGS/sanitize.log"
-  for tool in memcheck racecheck synccheck; do
+  local tools=(memcheck racecheck synccheck)
+  [[ $small == small ]] && tools=(memcheck)
+  for tool in "${tools[@]}"; do
     local subset=all
     [[ $tool != memcheck ]] && subset=race
+    [[ $small == small ]] && subset=small
     echo "==== $tool ($subset)" >>"$LOGS/sanitize.log"
     if "$cs" --tool "$tool" --error-exitcode 17 --print-limit 20 \
         $PY tests/cuda_sanitizer_driver.py --subset "$subset" >>"$LOGS/sanitize.log" 2>&1; then
@@ -121,6 +139,16 @@ stage_script() {  # extra benchmarks: masked attention + dropout cost, block-spa
 status=0
 for stage in "${STAGES[@]}"; do
   case $stage in
+    first)
+      { FLASHATTN_CUDA_HEADDIMS=64,128 FLASHATTN_CUDA_DTYPES=bf16,fp16 TORCH_CUDA_ARCH_LIST=9.0 stage_build &&
+          stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py; stage_sanitize small;
+        stage_bench --quick; } || status=1 ;;
+    second) { stage_build && stage_test; stage_sanitize; stage_script bench_masked; stage_script bench_sparse;
+              stage_bench --headdims 128; } || status=1 ;;
+    build_restricted) FLASHATTN_CUDA_HEADDIMS=64,128 FLASHATTN_CUDA_DTYPES=bf16,fp16 TORCH_CUDA_ARCH_LIST=9.0 \
+                        stage_build || status=1 ;;
+    test_restricted) stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py || status=1 ;;
+    sanitize_small) stage_sanitize small || status=1 ;;
     build) stage_build || status=1 ;;
     test) stage_test || status=1 ;;
     sanitize) stage_sanitize || status=1 ;;
@@ -130,7 +158,7 @@ for stage in "${STAGES[@]}"; do
     masked) stage_script bench_masked || status=1 ;;
     sparse) stage_script bench_sparse || status=1 ;;
     all) { stage_build && stage_test; stage_sanitize; stage_bench --headdims 128; } || status=1 ;;
-    *) echo "unknown stage $stage (build|test|sanitize|bench|bench64|bench128|bench256|quick|masked|sparse|all)"; status=2 ;;
+    *) echo "unknown stage $stage (first|second|build_restricted|test_restricted|sanitize_small|build|test|sanitize|bench|bench64|bench128|bench256|quick|masked|sparse|all)"; status=2 ;;
   esac
 done
 echo

@@ -35,7 +35,9 @@ def emulator_unavailable_reason():
     """None if the emulated CUDA kernels can run here, else why not (one line)."""
     import os
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), EMULATOR_LIBRARY)
+    # FLASHATTN_EMULATOR_LIBRARY: another build of it (csrc/cuda/emulator/mutate.py uses one per planted bug).
+    path = os.environ.get("FLASHATTN_EMULATOR_LIBRARY") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                         EMULATOR_LIBRARY)
     if not os.path.exists(path):
         return (f"{EMULATOR_LIBRARY} was not built (build with FLASHATTN_BUILD_EMULATOR=1; it needs g++, ninja "
                 "and the CUDA toolkit headers)")

@@ -56,8 +56,9 @@ def fwd_bwd_sparse(q, k, v, blocks, block_size):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--subset", default="all", choices=["all", "race"],
-                    help="race: one head dim per kernel family (racecheck is slow)")
+    ap.add_argument("--subset", default="all", choices=["all", "race", "small"],
+                    help="race: one head dim per kernel family (racecheck is slow); small: three "
+                         "configurations (plain fwd+bwd, extras, deterministic) for a first, short GPU run")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("cuda_sanitizer_driver.py: no CUDA device")
@@ -74,6 +75,16 @@ def main():
         dtypes = dtypes[:1]
     ok = True
     L, S = 77, 91
+    if args.subset == "small":
+        d = 128 if 128 in buckets else buckets[-1]
+        dtype = dtypes[0] if dtypes else torch.bfloat16
+        q, k, v = rand(1, 2, L, d, dtype=dtype), rand(1, 2, S, d, dtype=dtype), rand(1, 2, S, d, dtype=dtype)
+        ok &= run_case(f"plain fwd+bwd causal d={d}", lambda: fwd_bwd(q, k, v, is_causal=True))
+        mask = torch.randn(1, 1, L, S, device="cuda", dtype=torch.float32)
+        ok &= run_case(f"extras (float mask) d={d}", lambda: fwd_bwd(q, k, v, attn_mask=mask))
+        ok &= run_case(f"deterministic bwd d={d}", lambda: fwd_bwd(q, k, v, deterministic=True))
+        print("sanitizer driver:", "all cases finite" if ok else "NON-FINITE RESULTS")
+        return 0 if ok else 1
     for dtype in dtypes:
         for d in buckets:
             q, k, v = rand(1, 2, L, d, dtype=dtype), rand(1, 2, S, d, dtype=dtype), rand(1, 2, S, d, dtype=dtype)
