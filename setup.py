@@ -30,8 +30,12 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CUDA_HEADDIMS = (32, 64, 96, 128, 192, 256)
-CUDA_DTYPES = ("fp16", "bf16")
+sys.path.insert(0, os.path.join(ROOT, "csrc", "cuda", "tools"))
+import table as cuda_table  # noqa: E402  (csrc/cuda/tools/table.py: the head-dim x dtype table of buckets.h)
+
+sys.path.pop(0)
+CUDA_HEADDIMS = tuple(cuda_table.headdims())
+CUDA_DTYPES = tuple(cuda_table.dtypes())
 
 
 def env_flag(name, default="auto"):
@@ -79,24 +83,33 @@ def selected(env, allowed, cast):
 
 
 def cuda_sources_and_defines():
+    """The CUDA sources to compile and the flags that restrict the table to them: with
+    FLASHATTN_CUDA_HEADDIMS / FLASHATTN_CUDA_DTYPES set, a generated flashattn_cuda_restriction.h
+    (read by csrc/cuda/buckets.h) on the include path."""
     headdims = selected("FLASHATTN_CUDA_HEADDIMS", CUDA_HEADDIMS, int)
     dtypes = selected("FLASHATTN_CUDA_DTYPES", CUDA_DTYPES, str)
-    defines = [f"-DFLASHATTN_NO_HDIM_{d}" for d in CUDA_HEADDIMS if d not in headdims]
-    defines += [f"-DFLASHATTN_NO_{t.upper()}" for t in CUDA_DTYPES if t not in dtypes]
-    sources = []
-    for path in sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/instantiations/*.cu")):
-        m = re.search(r"instantiations/\w+_hdim(\d+)_(fp16|bf16)\.cu$", path)
-        if m and (int(m.group(1)) not in headdims or m.group(2) not in dtypes):
-            continue
-        sources.append(path)
-    return sources, defines
+    sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    sources += [os.path.join("csrc", "cuda", cuda_table.instantiation_file(direction, d, t))
+                for direction, d, t in cuda_table.entries() if d in headdims and t in dtypes]
+    flags = []
+    if tuple(headdims) != CUDA_HEADDIMS or tuple(dtypes) != CUDA_DTYPES:
+        folder = os.path.join(ROOT, "build", "cuda_restriction")
+        os.makedirs(folder, exist_ok=True)
+        built_h = [d for d in CUDA_HEADDIMS if d in headdims]
+        built_t = [t for t in CUDA_DTYPES if t in dtypes]
+        text = (f"#define FLASHATTN_CUDA_BUILT_HEADDIMS {', '.join(map(str, built_h))}\n"
+                f"#define FLASHATTN_CUDA_BUILT_DTYPES {', '.join(built_t)}\n")
+        path = os.path.join(folder, "flashattn_cuda_restriction.h")
+        if not os.path.exists(path) or open(path).read() != text:
+            with open(path, "w") as f:
+                f.write(text)
+        flags = [f"-I{folder}"]
+    return sources, flags
 
 
-def extra_nvcc_flags():
-    path = os.path.join(ROOT, "csrc", "cuda", "nvcc_flags.txt")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
+def nvcc_flags():
+    """csrc/cuda/nvcc_flags.txt: the nvcc flags (.ci/compile_cuda.sh reads the same file)."""
+    with open(os.path.join(ROOT, "csrc", "cuda", "nvcc_flags.txt")) as f:
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
@@ -137,9 +150,7 @@ def make_extension():
     # sm_80 and sm_90 machine code, plus sm_90 PTX so newer GPUs JIT it instead of failing.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     cuda_sources, defines = cuda_sources_and_defines()
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
-            "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-            "-lineinfo"] + defines + extra_nvcc_flags()
+    nvcc = nvcc_flags() + defines
     return CUDAExtension("flashattn_ext._C", sources + ["csrc/ops_cuda.cpp"] + cuda_sources,
                          include_dirs=include_dirs,
                          define_macros=[("FLASHATTN_WITH_CUDA", "1")],

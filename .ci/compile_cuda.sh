@@ -27,14 +27,11 @@ if ! command -v nvcc >/dev/null; then
   exit 1
 fi
 
-FLAGS="-O3 -std=c++17 --expt-relaxed-constexpr -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__"
-FLAGS+=" -U__CUDA_NO_BFLOAT16_CONVERSIONS__ -lineinfo -I csrc -Xptxas -v"
-if [[ -f csrc/cuda/nvcc_flags.txt ]]; then
-  while IFS= read -r flag; do
-    [[ -z "$flag" || "$flag" == \#* ]] && continue
-    FLAGS+=" $flag"
-  done < csrc/cuda/nvcc_flags.txt
-fi
+FLAGS="-I csrc -Xptxas -v"
+while IFS= read -r flag; do  # the flags setup.py uses (one file for both)
+  [[ -z "$flag" || "$flag" == \#* ]] && continue
+  FLAGS+=" $flag"
+done < csrc/cuda/nvcc_flags.txt
 export FLAGS WORK
 
 compile_one() {  # $1 = file, $2 = arch
@@ -61,6 +58,8 @@ if python3 -c "import numpy" 2>/dev/null; then
   }
   echo "fragment model check: ok ($(grep -c ok "$WORK/fragments.log") tile configurations)"
 fi
+# The instantiation files are generated from the table in buckets.h: they must be up to date.
+python3 csrc/cuda/tools/generate_instantiations.py --check
 # Band ranges, deterministic dQ turns, block-sparse mapping and the shared-memory pipeline
 # schedules, mirrored in plain Python (~5 s).
 python3 csrc/cuda/tools/check_schedules.py >"$WORK/schedules.log" 2>&1 || {
@@ -88,29 +87,17 @@ if grep -qiE "warning" "$REPORT"; then
   grep -iE "warning" "$REPORT" | sort -u | head -20
 fi
 
-# Dynamic shared memory per kernel configuration comes from the traits: a host-only program
-# (no GPU needed) prints them.
-cat > "$WORK/smem.cu" <<'CPP'
-#include <cstdio>
-#include "cuda/kernel_configs.h"
-using namespace flashattn::cuda;
-template <int D> void print_bucket() {
-  using F = FwdConfig<__half, D>; using B = BwdConfig<__half, D>;
-  std::printf("fwd d=%d: %d x %d, %d warps, %d B | extras %d x %d, %d B\n", D, F::Traits::kBlockM, F::Traits::kBlockN,
-              F::Traits::kNumWarps, F::Traits::kSmemBytes, F::TraitsExtras::kBlockM, F::TraitsExtras::kBlockN,
-              F::TraitsExtras::kSmemBytes);
-  std::printf("bwd d=%d: %d x %d, %d warps, %d stage(s), %d B | extras %d x %d, %d B\n", D, B::Traits::kBlockM,
-              B::Traits::kBlockN, B::Traits::kNumWarps, B::Traits::kStages, B::Traits::kSmemBytes,
-              B::TraitsExtras::kBlockM, B::TraitsExtras::kBlockN, B::TraitsExtras::kSmemBytes);
-}
-int main() {
-  print_bucket<32>(); print_bucket<64>(); print_bucket<96>(); print_bucket<128>(); print_bucket<192>(); print_bucket<256>();
-}
-CPP
-SMEM_TABLE=""
-if nvcc -std=c++17 --expt-relaxed-constexpr -I csrc -o "$WORK/smem" "$WORK/smem.cu" >"$WORK/smem.log" 2>&1; then
-  SMEM_TABLE=$("$WORK/smem")
-fi
+# Dynamic shared memory per kernel configuration, from the traits themselves (tools/table.py
+# compiles tools/tile_configs.cpp on the host).
+SMEM_TABLE=$(python3 - <<'PY'
+import sys
+sys.path.insert(0, "csrc/cuda/tools")
+import table
+for c in table.tile_configs():
+    extra = f"{c['stages']} stage(s), sub-tiles {c.get('sub_tiles', 1)}" if c["dir"] == "fwd" else f"{c['stages']} stage(s)"
+    print(f"{c['dir']} d={c['headdim']:<3} {c['role']:<9} {c['block_m']:>3} x {c['block_n']:<3} {c['warps']} warps, {extra}, {c['smem_bytes']} B")
+PY
+)
 
 python3 - "$REPORT" "$ELAPSED" "$SMEM_TABLE" <<'PY'
 import re, subprocess, sys

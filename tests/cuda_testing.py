@@ -8,6 +8,8 @@ The `cuda_device` fixture (conftest.py) selects one per test and sets DEV: "cuda
 
 import contextlib
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,12 @@ import torch.nn.functional as F
 
 import flashattn_ext
 from flashattn_ext.testing import emulated_cuda, emulator_unavailable_reason, poison_outputs
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cuda", "tools"))
+import table as cuda_table  # noqa: E402  (the head-dim x dtype table of csrc/cuda/buckets.h)
+
+sys.path.pop(0)
+HEAD_DIM_BUCKETS = cuda_table.headdims()
 
 DEV = "cuda"   # the device tensors are made on in the current test
 EMULATED = False  # whether the current test runs on the emulator

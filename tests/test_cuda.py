@@ -21,7 +21,7 @@ from flashattn_ext.testing import dropout_mask, poison_outputs
 
 pytestmark = pytest.mark.usefixtures("cuda_device")
 LOW = [torch.float16, torch.bfloat16]
-HEAD_DIMS = [32, 64, 96, 128, 192, 256]
+HEAD_DIMS = ct.HEAD_DIM_BUCKETS
 ODD_HEAD_DIMS = [8, 24, 40, 72, 80, 100, 160, 200, 250]
 
 
@@ -492,9 +492,10 @@ from flashattn_ext.testing import emulated_cuda
 device, schedule = sys.argv[1], sys.argv[2]
 B, H, L, S = (2, 3, 300, 333) if device == "cuda" else (1, 2, 140, 150)
 torch.manual_seed(0)
+buckets = [int(x) for x in sys.argv[3].split(",")]
 worst = 0.0
 with emulated_cuda(schedule) if device == "cpu" else contextlib.nullcontext():
-    for d in (32, 64, 96, 128, 192, 256):
+    for d in buckets:
         for causal in (False, True):
             q, k, v = (torch.randn(B, H, n, d, device=device, dtype=torch.bfloat16) for n in (L, S, S))
             out = flashattn_ext.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -517,7 +518,8 @@ def test_forward_pipelines(stages, cuda_device, request):
 
     schedule = request.node.callspec.params["cuda_device"][1] or "lockstep"
     env = dict(os.environ, FLASHATTN_CUDA_KV_STAGES=stages)
-    res = subprocess.run([sys.executable, "-c", _PIPELINE_SCRIPT, cuda_device, schedule], env=env,
+    buckets = ",".join(map(str, ct.HEAD_DIM_BUCKETS))
+    res = subprocess.run([sys.executable, "-c", _PIPELINE_SCRIPT, cuda_device, schedule, buckets], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"kv_stages={stages}: max err {res.stdout.strip()} {res.stderr[-2000:]}"
 

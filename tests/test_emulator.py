@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import flashattn_ext
+from cuda_testing import HEAD_DIM_BUCKETS
 from flashattn_ext.testing import emulated_cuda, emulator_selftest, emulator_unavailable_reason, poison_outputs
 
 _why = emulator_unavailable_reason()
@@ -128,7 +129,7 @@ SCHEDULE_CASES = [("warp-reverse", 1, False), ("random", 1, False), ("random", 2
 
 
 @pytest.mark.parametrize("schedule,seed,at_issue", SCHEDULE_CASES, ids=lambda x: str(x))
-@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 256])
+@pytest.mark.parametrize("head_dim", HEAD_DIM_BUCKETS)
 def test_other_schedules(schedule, seed, at_issue, head_dim):
     torch.manual_seed(head_dim)
     q, k, v = (torch.randn(1, 2, n, head_dim, dtype=torch.bfloat16, requires_grad=True) for n in (70, 90, 90))

@@ -18,45 +18,13 @@
 #include <cstdint>
 
 #include "../attention_params.h"
+#include "kernel_traits.h"
 #include "ptx.h"
 #include "score_mod.h"
 #include "smem_layout.h"
 #include "warp_gemm.h"
 
 namespace flashattn::cuda {
-
-// kExtras as in the forward (fwd_kernel.cuh): masks, dropout, ALiBi, softcap, block mask, dmask.
-template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNumWarps_, int kWarpsKeysS_,
-          int kWarpsKeysKV_, bool kExtras_>
-struct BwdTraits {
-  using Element = Element_;
-  static constexpr bool kExtras = kExtras_;
-  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kNumWarps = kNumWarps_;
-  static constexpr int kThreads = 32 * kNumWarps;
-  // S^T and dP^T (block_n x block_m): warps in a kWarpsKeysS x kWarpsQueriesS grid.
-  static constexpr int kWarpsKeysS = kWarpsKeysS_, kWarpsQueriesS = kNumWarps / kWarpsKeysS;
-  static constexpr int kSMT = kBlockN / kWarpsKeysS / 16, kSNT = kBlockM / kWarpsQueriesS / 8;
-  // dK and dV (block_n x d): kWarpsKeysKV x kWarpsColsKV.
-  static constexpr int kWarpsKeysKV = kWarpsKeysKV_, kWarpsColsKV = kNumWarps / kWarpsKeysKV;
-  static constexpr int kKVMT = kBlockN / kWarpsKeysKV / 16, kKVCols = kHeadDim / kWarpsColsKV, kKVNT = kKVCols / 8;
-  // dQ (block_m x d): one 16-row strip per warp row, columns in chunks of 32 (16 where 32 does not divide).
-  static constexpr int kWarpsRowsDq = kBlockM / 16, kWarpsColsDq = kNumWarps / kWarpsRowsDq;
-  static constexpr int kDqCols = kHeadDim / kWarpsColsDq, kDqChunk = kDqCols % 32 == 0 ? 32 : 16;
-  // Warp column groups (dK/dV, dQ) interleave at 16-column granularity: group c owns column pairs
-  // c, c + groups, c + 2 groups, ... so the group offset folds into the swizzle (warp_gemm.h).
-  static_assert(kWarpsColsKV <= 2 && kWarpsColsDq <= 2, "interleaving needs the group bit below the panel size");
-  static_assert(kSMT >= 1 && kSNT % 2 == 0 && kKVMT >= 1 && kKVNT % 2 == 0 && kDqCols % kDqChunk == 0, "warp tiling");
-  static_assert(kWarpsRowsDq * kWarpsColsDq == kNumWarps, "dQ warp tiling");
-
-  using TileK = SmemTile<kBlockN, kHeadDim>;  // K and V
-  using TileQ = SmemTile<kBlockM, kHeadDim>;  // Q and dO
-  using TileP = SmemTile<kBlockN, kBlockM>;   // P^T and dS^T
-  static constexpr int kFixedBytes = 2 * TileK::kBytes + 2 * TileP::kBytes;
-  static constexpr int kStageBytes = 2 * TileQ::kBytes + 2 * kBlockM * 4;
-  static constexpr int kSmemLimit = 163 * 1024;  // sm80's opt-in maximum; sm90 has 227 KB
-  static constexpr int kStages = kFixedBytes + 2 * kStageBytes <= kSmemLimit ? 2 : 1;
-  static constexpr int kSmemBytes = kFixedBytes + kStages * kStageBytes;
-};
 
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const AttentionGradParams p, const bool vectorized) {

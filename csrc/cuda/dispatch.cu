@@ -6,6 +6,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
+#include <string>
+#include <vector>
 
 #include "kernel_configs.h"
 #include "launch.h"
@@ -16,112 +19,85 @@ namespace flashattn::cuda {
 
 namespace {
 
-// Head-dim buckets compiled into this build (setup.py passes -DFLASHATTN_NO_HDIM_<n> for the
-// buckets it skipped, -DFLASHATTN_NO_FP16 / -DFLASHATTN_NO_BF16 for dtypes).
-constexpr bool bucket_compiled(int d) {
-  switch (d) {
-#ifndef FLASHATTN_NO_HDIM_32
-    case 32:
-#endif
-#ifndef FLASHATTN_NO_HDIM_64
-    case 64:
-#endif
-#ifndef FLASHATTN_NO_HDIM_96
-    case 96:
-#endif
-#ifndef FLASHATTN_NO_HDIM_128
-    case 128:
-#endif
-#ifndef FLASHATTN_NO_HDIM_192
-    case 192:
-#endif
-#ifndef FLASHATTN_NO_HDIM_256
-    case 256:
-#endif
-      return true;
-    default:
-      return false;
-  }
-}
-constexpr int kBuckets[] = {32, 64, 96, 128, 192, 256};
-
-bool dtype_compiled(DType dtype) {
-#ifndef FLASHATTN_NO_FP16
-  if (dtype == DType::kFloat16) return true;
-#endif
-#ifndef FLASHATTN_NO_BF16
-  if (dtype == DType::kBFloat16) return true;
-#endif
-  return false;
-}
-
-// Smallest compiled bucket >= the larger of the two head dims (Ev != E pads to one width),
-// 0 if none: a head dim whose own bucket is excluded runs in the next larger compiled one.
+// Smallest compiled bucket >= the larger of the two head dims (Ev != E pads to one width), 0 if
+// none: a head dim whose own bucket is excluded runs in the next larger compiled one.
 int select_bucket(const AttentionParams& p) {
   const int64_t d = p.headdim > p.headdim_v ? p.headdim : p.headdim_v;
-  for (int b : kBuckets)
-    if (d <= b && bucket_compiled(b)) return b;
-  return 0;
+  int bucket = 0;
+  for_each_built_bucket([&](auto b) {
+    if (bucket == 0 && d <= b()) bucket = b();
+  });
+  return bucket;
 }
 
-template <int kHeadDim>
-constexpr int fwd_smem_bytes() {
-  using Fwd = FwdConfig<__half, kHeadDim>;
-  return Fwd::Traits::kSmemBytes > Fwd::TraitsExtras::kSmemBytes ? Fwd::Traits::kSmemBytes
-                                                                  : Fwd::TraitsExtras::kSmemBytes;
-}
-template <int kHeadDim>
-constexpr int bwd_smem_bytes() {
-  using Bwd = BwdConfig<__half, kHeadDim>;
-  return Bwd::Traits::kSmemBytes > Bwd::TraitsExtras::kSmemBytes ? Bwd::Traits::kSmemBytes
-                                                                  : Bwd::TraitsExtras::kSmemBytes;
-}
-// Shared memory per CTA the bucket's kernels of one direction need.
-int smem_needed(int bucket, bool backward) {
-  switch (bucket) {
-    case 32: return backward ? bwd_smem_bytes<32>() : fwd_smem_bytes<32>();
-    case 64: return backward ? bwd_smem_bytes<64>() : fwd_smem_bytes<64>();
-    case 96: return backward ? bwd_smem_bytes<96>() : fwd_smem_bytes<96>();
-    case 128: return backward ? bwd_smem_bytes<128>() : fwd_smem_bytes<128>();
-    case 192: return backward ? bwd_smem_bytes<192>() : fwd_smem_bytes<192>();
-    default: return backward ? bwd_smem_bytes<256>() : fwd_smem_bytes<256>();
-  }
+bool dtype_compiled(DType dtype) {
+  bool found = false;
+  for_each_built_dtype([&](auto element) { found |= dtype_of<typename decltype(element)::type>() == dtype; });
+  return found;
 }
 
-int device_attribute(cudaDeviceAttr attr) {
-  int device = 0, value = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess) return 0;
-  return value;
+// What a device offers the kernels, read once per (device, compute capability).
+struct DeviceLimits {
+  int smem_optin = 0, smem_per_sm = 0;
+};
+DeviceLimits device_limits(int sm_major, int sm_minor) {
+  struct Entry {
+    int device, major, minor;
+    DeviceLimits limits;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return {};
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const Entry& e : cache)
+    if (e.device == device && e.major == sm_major && e.minor == sm_minor) return e.limits;
+  DeviceLimits l;
+  if (cudaDeviceGetAttribute(&l.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&l.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess)
+    return {};
+  cache.push_back({device, sm_major, sm_minor, l});
+  return l;
 }
-int device_smem_optin() { return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin); }
 
-// The forward's K/V pipeline depth: the two-stage ring where it costs no occupancy, i.e. the
-// CTAs per SM that the registers allow (255 per thread) still fit in shared memory with it
-// (sm90: yes for every bucket; sm80: only d = 32). FLASHATTN_CUDA_KV_STAGES=1|2 overrides (benchmarks).
-template <int kHeadDim>
-int kv_stages_for() {
-  using Pipelined = typename FwdConfig<__half, kHeadDim>::TraitsPipelined;
+// FLASHATTN_CUDA_KV_STAGES=1|2 forces the forward's K/V pipeline (benchmarks, tests); read once.
+int forced_kv_stages() {
   static const int forced = [] {
     const char* env = std::getenv("FLASHATTN_CUDA_KV_STAGES");
     return env ? std::atoi(env) : 0;
   }();
-  if (Pipelined::kStages == 1) return 1;  // no ring for this bucket
-  const bool launchable = Pipelined::kSmemBytes <= device_smem_optin();
-  if (forced == 1 || forced == 2) return launchable ? forced : 1;
-  const int per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
-  const int ctas = 65536 / (Pipelined::kThreads * 256) > 0 ? 65536 / (Pipelined::kThreads * 256) : 1;
-  return launchable && ctas * (Pipelined::kSmemBytes + 1024) <= per_sm ? 2 : 1;
+  return forced;
 }
-int kv_stages(int bucket) {
-  switch (bucket) {
-    case 32: return kv_stages_for<32>();
-    case 64: return kv_stages_for<64>();
-    case 96: return kv_stages_for<96>();
-    case 128: return kv_stages_for<128>();
-    case 192: return kv_stages_for<192>();
-    default: return kv_stages_for<256>();
-  }
+
+// Per bucket: the shared memory its kernels need and the forward's K/V pipeline depth.
+struct BucketPlan {
+  int fwd_smem = 0, bwd_smem = 0, kv_stages = 1;
+};
+BucketPlan bucket_plan(int bucket, const DeviceLimits& dev) {
+  BucketPlan plan;
+  for_each_built_bucket([&](auto b) {
+    constexpr int D = decltype(b)::value;
+    if (D != bucket) return;
+    using Fwd = FwdConfig<__half, D>;
+    using Bwd = BwdConfig<__half, D>;
+    plan.fwd_smem = Fwd::Traits::kSmemBytes > Fwd::TraitsExtras::kSmemBytes ? Fwd::Traits::kSmemBytes
+                                                                          : Fwd::TraitsExtras::kSmemBytes;
+    plan.bwd_smem = Bwd::Traits::kSmemBytes > Bwd::TraitsExtras::kSmemBytes ? Bwd::Traits::kSmemBytes
+                                                                          : Bwd::TraitsExtras::kSmemBytes;
+    // The two-stage ring where it costs no occupancy: the CTAs per SM the registers allow (255
+    // per thread) still fit in shared memory with it.
+    using Pipelined = typename Fwd::TraitsPipelined;
+    if (Pipelined::kStages == 1) return;  // no ring for this bucket
+    const bool launchable = Pipelined::kSmemBytes <= dev.smem_optin;
+    const int forced = forced_kv_stages();
+    if (forced == 1 || forced == 2) {
+      plan.kv_stages = launchable ? forced : 1;
+      return;
+    }
+    const int ctas = 65536 / (Pipelined::kThreads * 256) > 0 ? 65536 / (Pipelined::kThreads * 256) : 1;
+    plan.kv_stages = launchable && ctas * (Pipelined::kSmemBytes + 1024) <= dev.smem_per_sm ? 2 : 1;
+  });
+  return plan;
 }
 
 bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -156,65 +132,23 @@ BwdWorkspace bwd_workspace(const AttentionGradParams& p, int bucket) {
   BwdWorkspace w;
   const size_t rows = static_cast<size_t>(p.batch * p.num_heads * p.seqlen_q);
   w.dq_accum_bytes = align_up(rows * bucket * sizeof(float));
-  const size_t m_blocks = static_cast<size_t>((p.seqlen_q + bwd_block_m(bucket) - 1) / bwd_block_m(bucket));
+  const size_t m_blocks = static_cast<size_t>((p.seqlen_q + kBwdBlockM - 1) / kBwdBlockM);
   w.semaphore_bytes = p.deterministic ? align_up(static_cast<size_t>(p.batch * p.num_heads) * m_blocks * 4) : 0;
   return w;
 }
 
-template <typename Element>
-cudaError_t launch_fwd_bucket(int bucket, const AttentionParams& p, const LaunchOptions& opt, cudaStream_t stream) {
-  switch (bucket) {
-#ifndef FLASHATTN_NO_HDIM_32
-    case 32: return launch_fwd<Element, 32>(p, opt, stream);
-#endif
-#ifndef FLASHATTN_NO_HDIM_64
-    case 64: return launch_fwd<Element, 64>(p, opt, stream);
-#endif
-#ifndef FLASHATTN_NO_HDIM_96
-    case 96: return launch_fwd<Element, 96>(p, opt, stream);
-#endif
-#ifndef FLASHATTN_NO_HDIM_128
-    case 128: return launch_fwd<Element, 128>(p, opt, stream);
-#endif
-#ifndef FLASHATTN_NO_HDIM_192
-    case 192: return launch_fwd<Element, 192>(p, opt, stream);
-#endif
-#ifndef FLASHATTN_NO_HDIM_256
-    case 256: return launch_fwd<Element, 256>(p, opt, stream);
-#endif
-    default: return cudaErrorInvalidValue;
-  }
+// The tensor-core launcher of (p.dtype, bucket): launch(Type<Element>, integral_constant<D>).
+template <class Launch>
+cudaError_t with_kernels(DType dtype, int bucket, Launch&& launch) {
+  cudaError_t err = cudaErrorInvalidValue;
+  for_each_built_dtype([&](auto element) {
+    if (dtype_of<typename decltype(element)::type>() != dtype) return;
+    for_each_built_bucket([&](auto d) {
+      if (d() == bucket) err = launch(element, d);
+    });
+  });
+  return err;
 }
-template <typename Element>
-cudaError_t launch_bwd_bucket(int bucket, const AttentionGradParams& p, const LaunchOptions& opt, cudaStream_t stream) {
-  switch (bucket) {
-#ifndef FLASHATTN_NO_HDIM_32
-    case 32: return launch_bwd<Element, 32>(p, opt, stream);
-#endif
-#ifndef FLASHATTN_NO_HDIM_64
-    case 64: return launch_bwd<Element, 64>(p, opt, stream);
-#endif
-#ifndef FLASHATTN_NO_HDIM_96
-    case 96: return launch_bwd<Element, 96>(p, opt, stream);
-#endif
-#ifndef FLASHATTN_NO_HDIM_128
-    case 128: return launch_bwd<Element, 128>(p, opt, stream);
-#endif
-#ifndef FLASHATTN_NO_HDIM_192
-    case 192: return launch_bwd<Element, 192>(p, opt, stream);
-#endif
-#ifndef FLASHATTN_NO_HDIM_256
-    case 256: return launch_bwd<Element, 256>(p, opt, stream);
-#endif
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-}  // namespace
-
-int bwd_block_m(int /*head_dim_bucket*/) { return 64; }  // BwdConfig: block_m = 64 for every bucket
-
-namespace {
 
 // Shared by both directions: everything but the shared-memory budget.
 const char* tensor_core_unsupported_reason(const AttentionParams& p, int sm_major) {
@@ -227,28 +161,26 @@ const char* tensor_core_unsupported_reason(const AttentionParams& p, int sm_majo
   return nullptr;
 }
 
-// The backward's tiles are larger than the forward's: a GPU with ~100 KB of shared memory per
-// block (sm86, sm89, sm120) runs the tensor-core forward and the SIMT backward for d >= 96.
-const char* bwd_unsupported_reason(const AttentionParams& p, int sm_major) {
+// The shared-memory budget: a GPU with ~100 KB per block (sm86, sm89, sm120) runs the tensor-core
+// forward and the SIMT backward for d >= 96 (the backward's tiles are larger).
+const char* unsupported_reason(const AttentionParams& p, int sm_major, int sm_minor, bool backward) {
   if (const char* why = tensor_core_unsupported_reason(p, sm_major)) return why;
-  const int optin = device_smem_optin();
-  if (optin > 0 && smem_needed(select_bucket(p), /*backward=*/true) > optin)
-    return "the device has too little shared memory per block for this head dim's tensor-core backward";
+  const DeviceLimits dev = device_limits(sm_major, sm_minor);
+  const BucketPlan plan = bucket_plan(select_bucket(p), dev);
+  if (dev.smem_optin > 0 && (backward ? plan.bwd_smem : plan.fwd_smem) > dev.smem_optin)
+    return backward ? "the device has too little shared memory per block for this head dim's tensor-core backward"
+                    : "the device has too little shared memory per block for this head dim's tensor-core forward";
   return nullptr;
 }
 
 }  // namespace
 
-const char* fwd_unsupported_reason(const AttentionParams& p, int sm_major, int /*sm_minor*/) {
-  if (const char* why = tensor_core_unsupported_reason(p, sm_major)) return why;
-  const int optin = device_smem_optin();
-  if (optin > 0 && smem_needed(select_bucket(p), /*backward=*/false) > optin)
-    return "the device has too little shared memory per block for this head dim's tensor-core forward";
-  return nullptr;
+const char* fwd_unsupported_reason(const AttentionParams& p, int sm_major, int sm_minor) {
+  return unsupported_reason(p, sm_major, sm_minor, /*backward=*/false);
 }
 
-size_t bwd_workspace_bytes(const AttentionGradParams& p, int sm_major, int /*sm_minor*/) {
-  if (bwd_unsupported_reason(p, sm_major) != nullptr) return 0;
+size_t bwd_workspace_bytes(const AttentionGradParams& p, int sm_major, int sm_minor) {
+  if (unsupported_reason(p, sm_major, sm_minor, /*backward=*/true) != nullptr) return 0;
   const BwdWorkspace w = bwd_workspace(p, select_bucket(p));
   return w.dq_accum_bytes + w.semaphore_bytes;
 }
@@ -259,26 +191,20 @@ cudaError_t run_fwd(const AttentionParams& p, cudaStream_t stream, int sm_major,
   opt.vectorized = fwd_vectorized(p);
   opt.extras = has_extras(p);
   const int bucket = select_bucket(p);
-  opt.kv_stages = kv_stages(bucket);
-  if (p.dtype == DType::kFloat16) {
-#ifndef FLASHATTN_NO_FP16
-    return launch_fwd_bucket<__half>(bucket, p, opt, stream);
-#endif
-  } else {
-#ifndef FLASHATTN_NO_BF16
-    return launch_fwd_bucket<__nv_bfloat16>(bucket, p, opt, stream);
-#endif
-  }
-  return cudaErrorInvalidValue;
+  opt.kv_stages = bucket_plan(bucket, device_limits(sm_major, sm_minor)).kv_stages;
+  return with_kernels(p.dtype, bucket, [&](auto element, auto d) {
+    return launch_fwd<typename decltype(element)::type, decltype(d)::value>(p, opt, stream);
+  });
 }
 
 cudaError_t run_bwd(const AttentionGradParams& params, void* workspace, cudaStream_t stream, int sm_major,
-                    int /*sm_minor*/) {
+                    int sm_minor) {
   cudaError_t err = run_bwd_preprocess(params, stream);
   if (err != cudaSuccess) return err;
   err = zero_dmask(params, stream);
   if (err != cudaSuccess) return err;
-  if (bwd_unsupported_reason(params, sm_major) != nullptr) return run_simt_bwd(params, stream);
+  if (unsupported_reason(params, sm_major, sm_minor, /*backward=*/true) != nullptr)
+    return run_simt_bwd(params, stream);
 
   AttentionGradParams p = params;
   const int bucket = select_bucket(p);
@@ -293,20 +219,9 @@ cudaError_t run_bwd(const AttentionGradParams& params, void* workspace, cudaStre
   LaunchOptions opt;
   opt.vectorized = bwd_vectorized(p);
   opt.extras = has_extras(p);
-  if (p.dtype == DType::kFloat16) {
-#ifndef FLASHATTN_NO_FP16
-    return launch_bwd_bucket<__half>(bucket, p, opt, stream);
-#endif
-  } else {
-#ifndef FLASHATTN_NO_BF16
-    return launch_bwd_bucket<__nv_bfloat16>(bucket, p, opt, stream);
-#endif
-  }
-  return cudaErrorInvalidValue;
-}
-
-cudaError_t run_dropout_mask(const AttentionParams& p, uint8_t* keep, cudaStream_t stream) {
-  return run_dropout_mask_kernel(p, keep, stream);
+  return with_kernels(p.dtype, bucket, [&](auto element, auto d) {
+    return launch_bwd<typename decltype(element)::type, decltype(d)::value>(p, opt, stream);
+  });
 }
 
 #define FLASHATTN_STR2(x) #x
@@ -321,29 +236,24 @@ const char* compiled_archs() {
 }
 
 const char* compiled_headdims() {
-  static const char* list = [] {
-    static char buf[64];
-    int n = 0;
-    for (int b : kBuckets) {
-      if (!bucket_compiled(b)) continue;
-      n += snprintf(buf + n, sizeof(buf) - n, n ? ",%d" : "%d", b);
-    }
-    buf[n] = 0;
-    return buf;
+  static const std::string list = [] {
+    std::string out;
+    for_each_built_bucket([&](auto b) { out += (out.empty() ? "" : ",") + std::to_string(b()); });
+    return out;
   }();
-  return list;
+  return list.c_str();
 }
 
 const char* compiled_dtypes() {
-#if !defined(FLASHATTN_NO_FP16) && !defined(FLASHATTN_NO_BF16)
-  return "fp16,bf16";
-#elif !defined(FLASHATTN_NO_FP16)
-  return "fp16";
-#elif !defined(FLASHATTN_NO_BF16)
-  return "bf16";
-#else
-  return "";
-#endif
+  static const std::string list = [] {
+    std::string out;
+    for_each_built_dtype([&](auto element) {
+      out += out.empty() ? "" : ",";
+      out += dtype_of<typename decltype(element)::type>() == DType::kFloat16 ? "fp16" : "bf16";
+    });
+    return out;
+  }();
+  return list.c_str();
 }
 
 }  // namespace flashattn::cuda

@@ -20,45 +20,13 @@
 #include <type_traits>
 
 #include "../attention_params.h"
+#include "kernel_traits.h"
 #include "ptx.h"
 #include "score_mod.h"
 #include "smem_layout.h"
 #include "warp_gemm.h"
 
 namespace flashattn::cuda {
-
-// kExtras: the kernel also handles attn_mask, dropout, ALiBi, softcap and the block mask (runtime
-// values, per-tile uniform branches). It is the one compile-time flag besides dtype and head dim:
-// with those paths compiled in, the register budget of the 128 x 64 hdim-128 tile overflows
-// (ptxas spills ~400 bytes), so the plain kernel (band, GQA, any lengths: what SDPA's FLASH and
-// flash_attn_func users run) is built without them and the extras kernel uses a smaller tile.
-//
-// kSubTiles: the ring kernel may score a K/V tile in sub-tiles of block_n / kSubTiles keys, each
-// with its own online-softmax step and P V product: S and P then need half the registers (the
-// hd128 ring kernel spilled ~50 bytes without it), for one more O rescale per tile.
-template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNumWarps_, bool kExtras_,
-          int kStages_ = 1, int kSubTiles_ = 1>
-struct FwdTraits {
-  using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kNumWarps = kNumWarps_;
-  static constexpr bool kExtras = kExtras_;
-  static constexpr int kStages = kStages_;  // K/V pipeline depth (see above)
-  static constexpr int kSubTiles = kSubTiles_;
-  static constexpr int kSubN = kBlockN / kSubTiles;  // keys scored per online-softmax step
-  static_assert(kStages == 1 || kStages == 2, "K/V pipeline: 1 (interleaved) or 2 (ring)");
-  static_assert(kSubTiles == 1 || kStages == 2, "sub-tiles need the ring (the interleave waits for V mid-tile)");
-  static_assert(kSubN % 16 == 0, "sub-tile shape");
-  static constexpr int kThreads = 32 * kNumWarps;
-  static constexpr int kWarpRows = kBlockM / kNumWarps;
-  static constexpr int kMT = kWarpRows / 16;       // 16-row strips per warp
-  static constexpr int kScoreNT = kBlockN / kSubTiles / 8;  // 8-key tiles of S per strip and step
-  static constexpr int kOutNT = kHeadDim / 8;      // 8-column tiles of O per strip
-  static_assert(kWarpRows % 16 == 0 && kBlockN % 16 == 0 && kHeadDim % 32 == 0, "tile shape");
-  using TileQ = SmemTile<kBlockM, kHeadDim>;
-  using TileK = SmemTile<kBlockN, kHeadDim>;
-  using TileV = SmemTile<kBlockN, kHeadDim>;
-  static constexpr int kSmemBytes = TileQ::kBytes + kStages * (TileK::kBytes + TileV::kBytes);
-};
 
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionParams p, const bool vectorized) {

@@ -5,8 +5,8 @@
 
 #include <type_traits>
 
-#include "bwd_kernel.cuh"
-#include "fwd_kernel.cuh"
+#include "buckets.h"
+#include "kernel_traits.h"
 
 namespace flashattn::cuda {
 
@@ -53,5 +53,20 @@ struct BwdConfig {
   // 4 x 2 of 16 x d/2), half the dK/dV registers of the plain tile.
   using TraitsExtras = BwdTraits<Element, kHeadDim, 64, 64, 8, 4, 4, true>;
 };
+
+}  // namespace flashattn::cuda
+
+namespace flashattn::cuda {
+
+// The backward's query block, one for every bucket (the deterministic mode's turn counters and
+// the dQ workspace are laid out by it before a bucket is chosen).
+inline constexpr int kBwdBlockM = BwdConfig<__half, table::kHeadDims[0]>::Traits::kBlockM;
+template <size_t... I>
+constexpr bool bwd_block_m_is_uniform(std::index_sequence<I...>) {
+  return ((BwdConfig<__half, table::kHeadDims[I]>::Traits::kBlockM == kBwdBlockM &&
+           BwdConfig<__half, table::kHeadDims[I]>::TraitsExtras::kBlockM == kBwdBlockM) && ...);
+}
+static_assert(bwd_block_m_is_uniform(std::make_index_sequence<std::size(table::kHeadDims)>{}),
+              "every backward tile must use the same block_m (dispatch.cu sizes the workspace by it)");
 
 }  // namespace flashattn::cuda

@@ -2,6 +2,8 @@
 // instantiation files, one translation unit each (compile time scales with the buckets built).
 #pragma once
 
+#include "bwd_kernel.cuh"
+#include "fwd_kernel.cuh"
 #include "grid.h"
 #include "kernel_configs.h"
 #include "launch_templates.h"

@@ -22,7 +22,4 @@ cudaError_t launch_fwd(const AttentionParams& p, const LaunchOptions& opt, cudaS
 template <typename Element, int kHeadDim>
 cudaError_t launch_bwd(const AttentionGradParams& p, const LaunchOptions& opt, cudaStream_t stream);
 
-// Size of the bwd query block (dq_semaphore has one counter per query block).
-int bwd_block_m(int head_dim_bucket);
-
 }  // namespace flashattn::cuda

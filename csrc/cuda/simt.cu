@@ -2,6 +2,7 @@
 // and the test-only dropout mask. Always compiled.
 #include "bwd_preprocess.cuh"
 #include "grid.h"
+#include "launch.h"
 #include "simt.h"
 #include "simt_kernel.cuh"
 
@@ -116,7 +117,7 @@ cudaError_t zero_dmask(const AttentionGradParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t run_dropout_mask_kernel(const AttentionParams& p, uint8_t* keep, cudaStream_t stream) {
+cudaError_t run_dropout_mask(const AttentionParams& p, uint8_t* keep, cudaStream_t stream) {
   const int64_t total = p.batch * p.num_heads * p.seqlen_q * ((p.seqlen_k + 3) / 4);
   if (total == 0) return cudaSuccess;
   const int64_t blocks = ceil_div(total, 256) < 65535 ? ceil_div(total, 256) : 65535;

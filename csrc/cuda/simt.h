@@ -13,6 +13,5 @@ cudaError_t run_simt_fwd(const AttentionParams& p, cudaStream_t stream);
 cudaError_t run_simt_bwd(const AttentionGradParams& p, cudaStream_t stream);  // needs delta
 cudaError_t run_bwd_preprocess(const AttentionGradParams& p, cudaStream_t stream);  // delta = rowsum(dO o O)
 cudaError_t zero_dmask(const AttentionGradParams& p, cudaStream_t stream);
-cudaError_t run_dropout_mask_kernel(const AttentionParams& p, uint8_t* keep, cudaStream_t stream);
 
 }  // namespace flashattn::cuda

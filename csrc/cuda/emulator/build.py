@@ -74,8 +74,8 @@ def kernel_sources(csrc=CSRC):
 
 def build(build_dir, kernel_files, defines=(), jobs=None, csrc=CSRC, verbose=False):
     """Compiles `kernel_files` (paths under csrc/cuda) and the emulator into build_dir/LIBRARY
-    and returns its path. `defines`: extra -D flags (the FLASHATTN_NO_HDIM_<n> / NO_<dtype>
-    restrictions setup.py uses for the GPU build)."""
+    and returns its path. `defines`: extra flags (setup.py's -I of the restricted table header,
+    the same as for the GPU build)."""
     include = find_cuda_include()
     if include is None:
         raise RuntimeError(missing_reason())

@@ -180,7 +180,12 @@ def main():
     work = tempfile.mkdtemp(prefix="flashattn_mutate.")
     csrc = os.path.join(work, "csrc")
     shutil.copytree(os.path.join(ROOT, "csrc"), csrc)
-    defines = [f"-DFLASHATTN_NO_HDIM_{d}" for d in (32, 64, 96, 128, 192, 256) if d not in HEADDIMS]
+    # The restricted table, as setup.py writes it (csrc/cuda/buckets.h reads this header).
+    restriction = os.path.join(work, "restriction")
+    os.makedirs(restriction)
+    with open(os.path.join(restriction, "flashattn_cuda_restriction.h"), "w") as f:
+        f.write(f"#define FLASHATTN_CUDA_BUILT_HEADDIMS {', '.join(map(str, HEADDIMS))}\n")
+    defines = [f"-I{restriction}"]
     kernels = [f for f in build.kernel_sources(csrc)
                if not (m := re.search(r"hdim(\d+)_", f)) or int(m.group(1)) in HEADDIMS]
     build_dir = os.path.join(work, "build")

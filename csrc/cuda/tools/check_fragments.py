@@ -7,9 +7,17 @@ fragments, and checks every warp product the kernels issue (forward S = Q K^T an
 from registers; backward S^T, dV/dK with interleaved warp column groups, dQ with a per-warp
 chunk XOR) against a plain matrix product, for every tile configuration in kernel_configs.h.
 Also checks that no two chunks of a tile overlap and that ldmatrix addresses are 16-byte aligned.
-A mirror of the C++ written by hand: change both together. Run by .ci/compile_cuda.sh.
+A mirror of the C++ index math written by hand (change both together); the tile configurations
+come from kernel_configs.h itself (tools/table.py). Run by .ci/compile_cuda.sh and tests/test_cuda_tools.py.
 """
+import os
+import sys
+
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import table  # noqa: E402
+
 rng = np.random.default_rng(0)
 
 class Tile:
@@ -128,7 +136,12 @@ def check(out, Ref):
     return len(out)
 
 # ---- forward: S = Q K^T (warp rows warp_row0), O = P V with P from registers
-for D, BM, BN, NW in [(32,128,128,4),(64,128,64,4),(96,128,64,4),(128,128,64,4),(192,128,64,8),(256,128,64,8),(96,64,64,4),(192,64,32,4),(256,64,16,4),(32,64,64,4)]:
+# Every tile configuration of kernel_configs.h (tools/table.py compiles tools/tile_configs.cpp).
+CONFIGS = table.tile_configs()
+FWD = sorted({(c["headdim"], c["block_m"], c["block_n"], c["warps"]) for c in CONFIGS if c["dir"] == "fwd"})
+BWD = sorted({(c["headdim"], c["block_m"], c["block_n"], c["warps"], c["warps_keys_s"], c["warps_keys_kv"])
+              for c in CONFIGS if c["dir"] == "bwd"})
+for D, BM, BN, NW in FWD:
     TQ, TK = Tile(BM, D), Tile(BN, D)
     Q, K, V = rng.standard_normal((BM, D)), rng.standard_normal((BN, D)), rng.standard_normal((BN, D))
     sm = Smem(); qb, kb = 0, BM*D*2; vb = kb + BN*D*2
@@ -202,8 +215,5 @@ def bwd(D, BM, BN, NW, WKS, WKKV):
         check_store_banks(TK, kvk0, 16 * kvg)
     print("bwd ok", D, BM, BN, NW, WKS, WKKV)
 
-for D in [32, 64, 96, 128]:
-    bwd(D, 64, 128, 8, 4, 8)
-    bwd(D, 64, 64, 8, 4, 4)
-for D in [192, 256]:
-    bwd(D, 64, 64, 8, 4, 4)
+for config in BWD:
+    bwd(*config)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """CPU checks of the CUDA kernels' control logic, mirrored by hand from the .cuh files (change both
-together). Run by .ci/compile_cuda.sh; a few seconds, no GPU, plain Python.
+together); the tile sizes come from kernel_configs.h (tools/table.py). Run by .ci/compile_cuda.sh
+and tests/test_cuda_tools.py; a few seconds, no GPU.
 
 1. Band ranges (attention_params.h helpers, fwd_kernel.cuh key-block range, bwd_kernel.cuh
    query-block range, the per-row [lo, hi) masks and tile_inside_band) against a brute-force
@@ -19,10 +20,24 @@ together). Run by .ci/compile_cuda.sh; a few seconds, no GPU, plain Python.
    published (a __syncthreads after the wait), and every overwrite comes after a barrier that
    follows the last read of the old contents (no write-after-read race).
 """
+import os
 import random
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import table  # noqa: E402
+
 rnd = random.Random(1)
+
+# The kernels' tiles, from kernel_configs.h (tools/table.py): forward (block_m, block_n, sub-tiles;
+# a ring kernel is built as the interleave for sm80, so both sub-tilings), backward, extras kernels.
+CONFIGS = table.tile_configs()
+FWD_TILES = sorted({(c["block_m"], c["block_n"], sub) for c in CONFIGS if c["dir"] == "fwd"
+                    for sub in {1, c["sub_tiles"]}})
+BWD_TILES = sorted({(c["block_m"], c["block_n"]) for c in CONFIGS if c["dir"] == "bwd"})
+EXTRAS_TILES = sorted({(c["block_m"], c["block_n"]) for c in CONFIGS if c["extras"]})
+BWD_BLOCK_M = {c["block_m"] for c in CONFIGS if c["dir"] == "bwd"}
+assert len(BWD_BLOCK_M) == 1, "one backward block_m for every bucket (dispatch.cu relies on it)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +133,7 @@ def check_band(trials=120):
     for _ in range(trials):
         p = random_band()
         vis = {(i, j) for i in range(p.seqlen_q) for j in range(p.seqlen_k) if visible(p, i, j)}
-        for bm, bn, sub in [(128, 64, 1), (128, 64, 2), (128, 128, 1), (64, 64, 1), (64, 32, 1), (64, 16, 1)]:
+        for bm, bn, sub in FWD_TILES:
             seen = set()
             for mb in range(cdiv(p.seqlen_q, bm)):
                 m0 = mb * bm
@@ -138,7 +153,7 @@ def check_band(trials=120):
                                     if kept:
                                         seen.add((i, j))
             assert seen == vis, ("forward misses visible scores", vars(p), bm, bn)
-        for bm, bn in [(64, 128), (64, 64)]:
+        for bm, bn in BWD_TILES:
             seen = set()
             for nb in range(cdiv(p.seqlen_k, bn)):
                 i_lo, i_hi = bwd_query_blocks(p, nb, bm, bn)
@@ -169,7 +184,7 @@ def check_deterministic(trials=300):
             p.seqlen_q, p.seqlen_k = rnd.randint(1, 1500), rnd.randint(1, 1500)
             p.window_left = rnd.choice([-1, 0, 37, 200, 700])
             p.window_right = rnd.choice([-1, 0, 5, 300])
-        bm, bn = 64, rnd.choice([64, 128])
+        bm, bn = rnd.choice(BWD_TILES)
         group = rnd.choice([1, 2, 3])
         n_blocks, m_blocks = cdiv(p.seqlen_k, bn), cdiv(p.seqlen_q, bm)
         items = {}
@@ -231,7 +246,7 @@ def check_block_sparse(trials=400):
         bsm, bsn = rnd.choice([16, 32, 48, 64, 96, 128, 256]), rnd.choice([16, 32, 64, 80, 128, 256])
         nbm, nbn = cdiv(L, bsm), cdiv(S, bsn)
         block = [[rnd.random() < 0.3 for _ in range(nbn)] for _ in range(nbm)]
-        for bm, bn in [(64, 64), (64, 32), (64, 16), (64, 128)]:  # fwd extras, bwd extras tiles
+        for bm, bn in EXTRAS_TILES:  # the block mask is read by the extras kernels only
             for mb in range(cdiv(L, bm)):
                 for nb in range(cdiv(S, bn)):
                     m0, n0 = mb * bm, nb * bn
