@@ -5,13 +5,15 @@
 gloo over loopback, a FileStore in STORE_DIR, torch.set_num_threads(1). Suite "cases" runs every
 case of CASES and writes OUT_DIR/rank<R>.json with the errors against single-process
 flashattn_ext on the gathered sequence; "errors" records the exceptions of bad calls; "fail"
-makes rank 1 raise between forward and backward (the others must error, not hang).
+makes rank 1 raise between forward and backward (the others must error, not hang); "stall" keeps
+rank 1 alive but away from the backward ring (the others must raise at the process group's timeout).
 """
 
 import datetime
 import json
 import os
 import sys
+import time
 import zlib
 
 import torch
@@ -162,6 +164,13 @@ def main():
         if rank == 1:
             raise RuntimeError("injected failure on rank 1")
         out.sum().backward()  # the ring needs rank 1: this must raise, not hang
+        results["survived"] = True
+    elif suite == "stall":
+        q, k, v = (x.requires_grad_() for x in qkv(2, 2, s=16))
+        out = cp.ring_attention(q, k, v, causal=True)
+        if rank == 1:
+            time.sleep(60)  # alive but never joins the backward ring: rank 0 must time out, not hang
+        out.sum().backward()
         results["survived"] = True
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
