@@ -101,13 +101,15 @@ def run_case(name: str, case: dict, groups) -> dict:
         local = [x.transpose(1, 2).contiguous() for x in local]
     local = [x.requires_grad_() for x in local]
     fn = cp.ring_attention if case["fn"] == "ring" else cp.ulysses_attention
-    res = fn(*local, group, layout=layout, sharding=sharding, deterministic=case.get("deterministic", False),
-             return_lse=case.get("lse", False), **opts)
+    with cp.count_bytes() as fwd_bytes:
+        res = fn(*local, group, layout=layout, sharding=sharding, deterministic=case.get("deterministic", False),
+                 return_lse=case.get("lse", False), **opts)
     out, lse = res if case.get("lse", False) else (res, None)
     g_out = shard(dout)
     if layout == "bhsd":
         g_out = g_out.transpose(1, 2)
-    grads = torch.autograd.grad(out, local, g_out)
+    with cp.count_bytes() as bwd_bytes:
+        grads = torch.autograd.grad(out, local, g_out)
     if layout == "bhsd":
         out, grads = out.transpose(1, 2), [g.transpose(1, 2) for g in grads]
     errs = {"out": rel_err(out, shard(ref_out))}
@@ -119,7 +121,10 @@ def run_case(name: str, case: dict, groups) -> dict:
         errs["lse_inf_pattern"] = 0.0 if torch.equal(finite, torch.isfinite(lse)) else 1.0
     nan = any(torch.isnan(t).any().item() for t in (out, *grads))
     return {"errs": errs, "tol": TOL[case["dtype"]], "nan": nan, "dtype": str(out.dtype),
-            "shape": list(out.shape), "world": ring.world}
+            "shape": list(out.shape), "world": ring.world, "fwd_bytes": fwd_bytes.sent_bytes,
+            "bwd_bytes": bwd_bytes.sent_bytes,
+            "kv_bytes": (local[1].numel() + local[2].numel()) * local[1].element_size(),
+            "kv_fp32_bytes": (local[1].numel() + local[2].numel()) * (8 if dtype == torch.float64 else 4)}
 
 
 ERROR_CASES = {

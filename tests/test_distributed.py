@@ -103,6 +103,10 @@ def test_matches_single_process(case_results, name):
                 assert err == 0.0, f"rank {rank}: lse is -inf on other rows than the reference's"
             else:
                 assert err <= c["tol"], f"rank {rank}: {what} relative error {err:.3e} > {c['tol']:.0e}"
+        if CASES[name]["fn"] == "ring":  # forward: W-1 K/V shards; backward: W-2 K/V and W-1 fp32 dK/dV
+            w = c["world"]
+            assert c["fwd_bytes"] == (w - 1) * c["kv_bytes"], c
+            assert c["bwd_bytes"] == max(w - 2, 0) * c["kv_bytes"] + (w - 1) * c["kv_fp32_bytes"], c
 
 
 def test_errors_name_the_argument(tmp_path):

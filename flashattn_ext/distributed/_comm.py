@@ -2,6 +2,7 @@
 (send to the next rank, receive from the previous one, asynchronously), and a byte counter."""
 
 import contextlib
+import time
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -40,11 +41,13 @@ _counters: List["ByteCounter"] = []
 
 
 class ByteCounter:
-    """Bytes this process sent point-to-point and through all-to-all while active."""
+    """Bytes this process sent point-to-point and through all-to-all while active, and the time
+    it spent blocked waiting for ring transfers (communication not hidden behind compute)."""
 
     def __init__(self):
         self.sent_bytes = 0
         self.messages = 0
+        self.wait_s = 0.0
 
     def add(self, tensors):
         for t in tensors:
@@ -55,7 +58,7 @@ class ByteCounter:
 @contextlib.contextmanager
 def count_bytes():
     """with count_bytes() as c: ... ; c.sent_bytes -- what this rank sent (all-to-all: the slices
-    addressed to other ranks)."""
+    addressed to other ranks); c.wait_s -- seconds blocked on ring transfers."""
     c = ByteCounter()
     _counters.append(c)
     try:
@@ -69,10 +72,11 @@ def record(tensors):
         c.add(tensors)
 
 
-def ring_shift(ring: Ring, send: List[torch.Tensor], recv: List[torch.Tensor], tag: int) -> list:
-    """Start sending `send` to rank+1 and receiving `recv` from rank-1; returns the works to wait on.
-    Tensor i travels with tag tag+i, so two shifts may be in flight at once (K/V and dK/dV)."""
-    nxt, prv = (ring.rank + 1) % ring.world, (ring.rank - 1) % ring.world
+def ring_shift(ring: Ring, send: List[torch.Tensor], recv: List[torch.Tensor], tag: int, direction: int = 1) -> list:
+    """Start sending `send` to rank+direction and receiving `recv` from rank-direction; returns the
+    works to wait on. Tensor i travels with tag tag+i, so two shifts may be in flight at once (K/V
+    and dK/dV)."""
+    nxt, prv = (ring.rank + direction) % ring.world, (ring.rank - direction) % ring.world
     ops = [dist.P2POp(dist.isend, t, group=ring.group, group_peer=nxt, tag=tag + i) for i, t in enumerate(send)]
     ops += [dist.P2POp(dist.irecv, t, group=ring.group, group_peer=prv, tag=tag + i) for i, t in enumerate(recv)]
     record(send)
@@ -80,8 +84,12 @@ def ring_shift(ring: Ring, send: List[torch.Tensor], recv: List[torch.Tensor], t
 
 
 def wait_all(works) -> None:
+    start = time.perf_counter() if _counters else 0.0
     for w in works:
         w.wait()
+    if _counters:
+        for c in _counters:
+            c.wait_s += time.perf_counter() - start
 
 
 def all_to_all(ring: Ring, send: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,11 @@ log-sum-exp: lse = logaddexp(lse, lse_i), out = exp(lse_old - lse) out + exp(lse
 Backward, the FlashAttention identity per block: dS = P o (dP - D) with D = rowsum(dO o O) and P
 recomputed from the FINAL lse, so each step calls torch.ops.flashattn_ext.bwd with the final out and
 lse and its result is exact for that block. dQ accumulates locally; the dK/dV partial sums of a
-block travel with it (a second ring, one step behind the K/V ring) and after W steps reach its
-owner. Nothing of size L x S is ever stored.
+block travel with it (a second ring, one step behind the K/V ring). The backward turns the ring
+the other way and starts from the block the forward ended with, so each rank computes its own
+block last and the sums arrive just in time: W - 2 K/V shifts and W - 1 dK/dV shifts, each hidden
+behind a step's compute. Nothing of size L x S is ever stored (one extra K/V shard is kept from
+the forward for the backward).
 """
 
 import math
@@ -50,12 +53,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _plans(cfg: _Config, seqlen_q: int, seqlen_k: int):
-    """The calls of each ring step; step s holds the keys of rank (rank - s) mod W."""
+def _plan_for(cfg: _Config, seqlen_q: int, seqlen_k: int, src: int):
+    """The op calls for this rank's queries against the keys of rank src."""
     r, w = cfg.ring.rank, cfg.ring.world
-    mine = _plan.segments(r, w, seqlen_q, cfg.sharding)
-    return [_plan.plan_step(mine, _plan.segments((r - s) % w, w, seqlen_k, cfg.sharding), cfg.band)
-            for s in range(w)]
+    return _plan.plan_step(_plan.segments(r, w, seqlen_q, cfg.sharding),
+                           _plan.segments(src, w, seqlen_k, cfg.sharding), cfg.band)
 
 
 def merge_partial(out: torch.Tensor, lse: torch.Tensor, out_i: torch.Tensor, lse_i: torch.Tensor) -> None:
@@ -63,91 +65,130 @@ def merge_partial(out: torch.Tensor, lse: torch.Tensor, out_i: torch.Tensor, lse
     A row empty in both (lse = -inf) stays out = 0, lse = -inf, never NaN."""
     new = torch.logaddexp(lse, lse_i)
     base = new.masked_fill(torch.isneginf(new), 0.0)
-    out.mul_(torch.exp(lse - base).unsqueeze(-1)).add_(out_i.to(out.dtype) * torch.exp(lse_i - base).unsqueeze(-1))
+    # addcmul_ rather than out_i * w: the product of the strided bf16 view is several times slower
+    out.mul_(torch.exp(lse - base).unsqueeze(-1)).addcmul_(out_i.to(out.dtype), torch.exp(lse_i - base).unsqueeze(-1))
     lse.copy_(new)
+
+
+def _accumulate(acc, index: slice, value: torch.Tensor, length: int, make_zeros):
+    """acc[..., index, :] += value along dim 2; a first value covering all rows becomes acc itself
+    (no zero fill, no extra pass). Returns acc."""
+    if acc is None:
+        if index.start == 0 and index.stop == length:
+            return value.to(_acc_dtype(value.dtype))
+        acc = make_zeros()
+    acc[:, :, index] += value
+    return acc
 
 
 def _forward(q: torch.Tensor, k_cur: torch.Tensor, v_cur: torch.Tensor, cfg: _Config):
     """q: (B, Hq, L, D) op view; k_cur, v_cur: this rank's K/V shards, contiguous in the user's
-    layout. Returns out (B, Hq, L, Dv) op view (fp32/fp64) and lse (B, Hq, L)."""
+    layout. Step s holds the K/V of rank (rank - s) mod W. Returns out (B, Hq, L, Dv) op view
+    (fp32/fp64), lse (B, Hq, L), and the last K/V block held (that of rank + 1, which the backward
+    starts from)."""
     ring, layout = cfg.ring, cfg.layout
     b, hq, lq, _ = q.shape
     acc = _acc_dtype(q.dtype)
-    plans = _plans(cfg, lq, _op_view(k_cur, layout).size(2))
-    out = _user_buffer(b, hq, lq, _op_view(v_cur, layout).size(3), layout, q, acc)
-    lse = torch.full((b, hq, lq), -math.inf, dtype=acc, device=q.device)
+    seqlen_k, headdim_v = _op_view(k_cur, layout).size(2), _op_view(v_cur, layout).size(3)
+    out = lse = None
     bufs = [None, None]
-    for step, calls in enumerate(plans):
+    for step in range(ring.world):
         works = []
         if step < ring.world - 1:  # the next block is in flight while this one is computed
             if bufs[step % 2] is None:
                 bufs[step % 2] = (torch.empty_like(k_cur), torch.empty_like(v_cur))
             works = _comm.ring_shift(ring, [k_cur, v_cur], list(bufs[step % 2]), _KV_TAG)
         kb, vb = _op_view(k_cur, layout), _op_view(v_cur, layout)
-        for c in calls:
+        for c in _plan_for(cfg, lq, seqlen_k, (ring.rank - step) % ring.world):
             o, l, _ = _ops.fwd(q[:, :, c.q_lo:c.q_hi], kb[:, :, c.k_lo:c.k_hi], vb[:, :, c.k_lo:c.k_hi],
                                scale=cfg.scale, window_left=c.left, window_right=c.right,
                                deterministic=cfg.deterministic)
+            if out is None and c.q_lo == 0 and c.q_hi == lq:
+                out, lse = o.to(acc), l
+                continue
+            if out is None:
+                out = _user_buffer(b, hq, lq, headdim_v, layout, q, acc)
+                lse = torch.full((b, hq, lq), -math.inf, dtype=acc, device=q.device)
             merge_partial(out[:, :, c.q_lo:c.q_hi], lse[:, :, c.q_lo:c.q_hi], o, l)
         _comm.wait_all(works)
         if works:
             k_cur, v_cur = bufs[step % 2]
-    return out, lse
+    if out is None:  # the band leaves this rank's queries nothing to see
+        out = _user_buffer(b, hq, lq, headdim_v, layout, q, acc)
+        lse = torch.full((b, hq, lq), -math.inf, dtype=acc, device=q.device)
+    return out, lse, (k_cur, v_cur)
 
 
-def _backward(dout, q, k_cur, v_cur, out, lse, cfg: _Config):
-    """dout, q, out: op views; k_cur, v_cur: this rank's K/V shards (user layout, contiguous);
-    lse: the final lse. Returns dq, dk, dv as op views in fp32/fp64 (dk, dv of this rank's shard)."""
+def _backward(dout, q, k_own, v_own, kv_last, out, lse, cfg: _Config):
+    """dout, q, out: op views; k_own, v_own: this rank's K/V shards (user layout, contiguous);
+    kv_last: the forward's last K/V block (of rank + 1); lse: the final lse. Returns dq, dk, dv as
+    op views in fp32/fp64 (dk, dv of this rank's own shard).
+
+    Order: step s computes the keys of rank (rank + 1 + s) mod W, so this rank's own block comes
+    last: the forward left block rank + 1 here (no transfer before step 0), later blocks come from
+    rank + 1 (the ring turns the other way), and the dK/dV sums of a block travel the same way and
+    reach their owner just as it computes its own part, so no final hop is left exposed."""
     ring, layout = cfg.ring, cfg.layout
+    w, r = ring.world, ring.rank
+    back = -1  # send to rank - 1, receive from rank + 1
     acc = _acc_dtype(q.dtype)
-    kb0, vb0 = _op_view(k_cur, layout), _op_view(v_cur, layout)
-    plans = _plans(cfg, q.size(2), kb0.size(2))
-    dq = _user_buffer(*q.shape, layout, q, acc)
+    lq, seqlen_k = q.size(2), _op_view(k_own, layout).size(2)
     rng_state = torch.zeros(2, dtype=torch.long, device=q.device)  # no dropout
+    dq = None
+    k_cur, v_cur = kv_last
     kv_bufs, dkv_bufs = [None, None], [None, None]
     dkv_works, dkv_in_flight = [], None
-    for step, calls in enumerate(plans):
+
+    def zeros_like_op(x):
+        return lambda: _user_buffer(*x.shape, layout, q, acc)
+
+    for step in range(w):
         kv_works = []
-        if step < ring.world - 1:
+        if step < w - 2:  # step w-1 uses the local shard, so the last block to receive is step w-2's
             if kv_bufs[step % 2] is None:
                 kv_bufs[step % 2] = (torch.empty_like(k_cur), torch.empty_like(v_cur))
-            kv_works = _comm.ring_shift(ring, [k_cur, v_cur], list(kv_bufs[step % 2]), _KV_TAG)
+            kv_works = _comm.ring_shift(ring, [k_cur, v_cur], list(kv_bufs[step % 2]), _KV_TAG, direction=back)
+        if step == w - 1:
+            k_cur, v_cur = k_own, v_own
         kb, vb = _op_view(k_cur, layout), _op_view(v_cur, layout)
-        dk = _user_buffer(*kb.shape, layout, q, acc)
-        dv = _user_buffer(*vb.shape, layout, q, acc)
-        for c in calls:
+        dk = dv = None
+        for c in _plan_for(cfg, lq, seqlen_k, (r + 1 + step) % w):
             rows, keys = slice(c.q_lo, c.q_hi), slice(c.k_lo, c.k_hi)
             dq_c, dk_c, dv_c, _ = _ops.bwd(dout[:, :, rows], q[:, :, rows], kb[:, :, keys], vb[:, :, keys],
                                            out[:, :, rows], lse[:, :, rows], rng_state, scale=cfg.scale,
                                            window_left=c.left, window_right=c.right,
                                            deterministic=cfg.deterministic)
-            dq[:, :, rows] += dq_c
-            dk[:, :, keys] += dk_c
-            dv[:, :, keys] += dv_c
+            dq = _accumulate(dq, rows, dq_c, lq, zeros_like_op(q))
+            dk = _accumulate(dk, keys, dk_c, seqlen_k, zeros_like_op(kb))
+            dv = _accumulate(dv, keys, dv_c, seqlen_k, zeros_like_op(vb))
+        if dk is None:  # the band skips this block pair
+            dk, dv = _user_buffer(*kb.shape, layout, q, acc), _user_buffer(*vb.shape, layout, q, acc)
         if step > 0:  # the partial sums of this block from the ranks it visited before
             _comm.wait_all(dkv_works)
             dk += _op_view(dkv_bufs[(step - 1) % 2][0], layout)
             dv += _op_view(dkv_bufs[(step - 1) % 2][1], layout)
-        if dkv_bufs[step % 2] is None:
-            dkv_bufs[step % 2] = (torch.empty_like(_op_view(dk, layout)), torch.empty_like(_op_view(dv, layout)))
-        dkv_in_flight = (_op_view(dk, layout), _op_view(dv, layout))  # alive until its send completes
-        dkv_works = _comm.ring_shift(ring, list(dkv_in_flight), list(dkv_bufs[step % 2]), _DKV_TAG)
+        if step < w - 1:
+            dkv_in_flight = (_op_view(dk, layout).contiguous(), _op_view(dv, layout).contiguous())  # alive until sent
+            if dkv_bufs[step % 2] is None:
+                dkv_bufs[step % 2] = tuple(torch.empty_like(t) for t in dkv_in_flight)
+            dkv_works = _comm.ring_shift(ring, list(dkv_in_flight), list(dkv_bufs[step % 2]), _DKV_TAG,
+                                         direction=back)
         _comm.wait_all(kv_works)
         if kv_works:
             k_cur, v_cur = kv_bufs[step % 2]
-    _comm.wait_all(dkv_works)  # after W shifts, the sums for this rank's own shard
-    dk, dv = dkv_bufs[(ring.world - 1) % 2]
     del dkv_in_flight
-    return dq, _op_view(dk, layout), _op_view(dv, layout)
+    if dq is None:
+        dq = _user_buffer(*q.shape, layout, q, acc)
+    return dq, dk, dv
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cfg: _Config):
         k_cur, v_cur = k.contiguous(), v.contiguous()
-        out, lse = _forward(_op_view(q, cfg.layout), k_cur, v_cur, cfg)
+        out, lse, (k_last, v_last) = _forward(_op_view(q, cfg.layout), k_cur, v_cur, cfg)
         out = _op_view(out, cfg.layout).to(q.dtype)
-        ctx.save_for_backward(q, k_cur, v_cur, out, lse)
+        ctx.save_for_backward(q, k_cur, v_cur, k_last, v_last, out, lse)
         ctx.cfg = cfg
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -155,9 +196,10 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k_cur, v_cur, out, lse = ctx.saved_tensors
+        q, k_cur, v_cur, k_last, v_last, out, lse = ctx.saved_tensors
         lay = ctx.cfg.layout
-        dq, dk, dv = _backward(_op_view(dout, lay), _op_view(q, lay), k_cur, v_cur, _op_view(out, lay), lse, ctx.cfg)
+        dq, dk, dv = _backward(_op_view(dout, lay), _op_view(q, lay), k_cur, v_cur, (k_last, v_last),
+                               _op_view(out, lay), lse, ctx.cfg)
         return (_op_view(dq, lay).to(q.dtype), _op_view(dk, lay).to(k_cur.dtype), _op_view(dv, lay).to(v_cur.dtype),
                 None)
 
@@ -184,8 +226,8 @@ def ring_attention(q, k, v, group=None, *, causal=False, softmax_scale=None, win
 
     All ranks must pass shards of the same shape and dtype (checked with one small all-gather;
     every rank raises the same ValueError otherwise). Communication per rank, forward: W - 1 K/V
-    shards; backward: W - 1 K/V shards and W fp32 dK/dV partial sums, each overlapped with a step's
-    compute (batch_isend_irecv). Errors in one rank surface in the others through the process
+    shards; backward: W - 2 K/V shards and W - 1 fp32 dK/dV partial sums, each overlapped with a
+    step's compute (batch_isend_irecv). Errors in one rank surface in the others through the process
     group's timeout (init_process_group(timeout=...)).
     """
     band = check_args("ring_attention", q, k, v, layout, sharding, dropout_p, causal, window_size)
