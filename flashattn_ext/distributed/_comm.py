@@ -42,7 +42,7 @@ _counters: List["ByteCounter"] = []
 
 class ByteCounter:
     """Bytes this process sent point-to-point and through all-to-all while active, and the time
-    it spent blocked waiting for ring transfers (communication not hidden behind compute)."""
+    it spent blocked on communication (what is not hidden behind compute)."""
 
     def __init__(self):
         self.sent_bytes = 0
@@ -58,7 +58,7 @@ class ByteCounter:
 @contextlib.contextmanager
 def count_bytes():
     """with count_bytes() as c: ... ; c.sent_bytes -- what this rank sent (all-to-all: the slices
-    addressed to other ranks); c.wait_s -- seconds blocked on ring transfers."""
+    addressed to other ranks); c.wait_s -- seconds blocked on communication (ring waits, all-to-alls, the shape check)."""
     c = ByteCounter()
     _counters.append(c)
     try:
@@ -83,20 +83,27 @@ def ring_shift(ring: Ring, send: List[torch.Tensor], recv: List[torch.Tensor], t
     return dist.batch_isend_irecv(ops)
 
 
-def wait_all(works) -> None:
+@contextlib.contextmanager
+def _blocked():
+    """Counts the time inside as blocked on communication (for the active counters)."""
     start = time.perf_counter() if _counters else 0.0
-    for w in works:
-        w.wait()
-    if _counters:
-        for c in _counters:
-            c.wait_s += time.perf_counter() - start
+    yield
+    for c in _counters:
+        c.wait_s += time.perf_counter() - start
+
+
+def wait_all(works) -> None:
+    with _blocked():
+        for w in works:
+            w.wait()
 
 
 def all_to_all(ring: Ring, send: torch.Tensor) -> torch.Tensor:
     """all_to_all_single over dim 0 (split in world equal parts): part w goes to rank w."""
     recv = torch.empty_like(send)
     record([send[: send.size(0) * (ring.world - 1) // ring.world]])  # the slices that leave this rank
-    dist.all_to_all_single(recv, send, group=ring.group)
+    with _blocked():
+        dist.all_to_all_single(recv, send, group=ring.group)
     return recv
 
 
@@ -124,7 +131,8 @@ def check_same_shapes(ring: Ring, fn: str, **tensors) -> None:
     row.append(_DTYPES.index(first.dtype) if first.dtype in _DTYPES else len(_DTYPES))
     mine = torch.tensor(row, dtype=torch.int64, device=first.device)
     gathered = [torch.empty_like(mine) for _ in range(ring.world)]
-    dist.all_gather(gathered, mine, group=ring.group)
+    with _blocked():
+        dist.all_gather(gathered, mine, group=ring.group)
     rows = [g.tolist() for g in gathered]
     if any(r != rows[0] for r in rows):
         names = list(tensors)
