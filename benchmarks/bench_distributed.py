@@ -182,7 +182,7 @@ def main():
     if not args.quick:
         cpu_model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                          platform.processor())
-        info = dict(command="python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:]),
+        info = dict(command=" ".join(["python benchmarks/bench_distributed.py"] + sys.argv[1:]),
                     torch=torch.__version__, cpu_model=cpu_model, cores=os.cpu_count(), machine=platform.machine(),
                     threads_per_process=1, backend="gloo (loopback)",
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

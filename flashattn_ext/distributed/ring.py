@@ -211,7 +211,8 @@ def ring_attention(q, k, v, group=None, *, causal=False, softmax_scale=None, win
     q (B, L, Hq, D), k (B, L, Hk, D), v (B, L, Hk, Dv): this rank's shard of the sequence
     (layout="bhsd" for SDPA's (B, H, L, D)); Hq a multiple of Hk (GQA/MQA: K/V travel with their
     own heads, never repeated). Returns this rank's output shard (and with return_lse=True the
-    float32 lse (B, Hq, L)), equal to flashattn_ext.flash_attn_func on the gathered sequence.
+    float32 lse (B, Hq, L), not differentiable), equal to flashattn_ext.flash_attn_func on the
+    gathered sequence.
 
     sharding: which global positions a rank holds. "zigzag" (default): rank r holds chunks r and
         2W-1-r of 2W equal chunks (see zigzag_shard); with causal=True every rank then does the same

@@ -28,26 +28,17 @@ def _heads_to_seq(y: torch.Tensor, ring: _comm.Ring) -> torch.Tensor:
     return recv.permute(1, 2, 0, 3, 4).reshape(b, ws // w, w * hl, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _Relayout(torch.autograd.Function):
+    """Sequence shards <-> head shards; each direction's gradient is the other direction."""
+
     @staticmethod
-    def forward(ctx, x, ring):
-        ctx.ring = ring
-        return _seq_to_heads(x, ring)
+    def forward(ctx, x, ring, to_heads: bool):
+        ctx.ring, ctx.to_heads = ring, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, ring)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.ring), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, ring):
-        ctx.ring = ring
-        return _heads_to_seq(y, ring)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.ring), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.ring), None, None
 
 
 def _zigzag_order(world: int):
@@ -100,7 +91,7 @@ def ulysses_attention(q, k, v, group=None, *, causal=False, softmax_scale=None, 
         check_zigzag_length("ulysses_attention", k.size(1), sharding)
     if hk % w:
         k, v = (x.repeat_interleave(w // hk, dim=2) for x in (k, v))
-    qh, kh, vh = (_SeqToHeads.apply(x, ring) for x in (q, k, v))
+    qh, kh, vh = (_Relayout.apply(x, ring, True) for x in (q, k, v))
     to_seq, to_gathered = _zigzag_order(w)
     if reorder:
         qh, kh, vh = (_permute_chunks(x, to_seq) for x in (qh, kh, vh))
@@ -108,7 +99,7 @@ def ulysses_attention(q, k, v, group=None, *, causal=False, softmax_scale=None, 
                                     deterministic=deterministic, return_lse=True)
     if reorder:
         out = _permute_chunks(out, to_gathered)
-    out = _HeadsToSeq.apply(out, ring)
+    out = _Relayout.apply(out, ring, False)
     if layout == "bhsd":
         out = out.transpose(1, 2)
     if not return_lse:
