@@ -127,6 +127,15 @@ def run_case(name: str, case: dict, groups) -> dict:
             "kv_fp32_bytes": (local[1].numel() + local[2].numel()) * (8 if dtype == torch.float64 else 4)}
 
 
+def zigzag_roundtrip(world: int) -> dict:
+    """zigzag_unshard(zigzag_shard(x)) == x (dims 1 and 2), and its gradient is summed over ranks."""
+    x = torch.randn(2, 4 * world, 2 * world, 5, generator=torch.Generator().manual_seed(7))
+    exact = all(torch.equal(cp.zigzag_unshard(cp.zigzag_shard(x, d), d), x) for d in (1, 2))
+    leaf = cp.zigzag_shard(x, 1).requires_grad_()
+    (cp.zigzag_unshard(leaf, 1) * 2).sum().backward()
+    return {"exact": exact, "grad_ok": torch.equal(leaf.grad, torch.full_like(leaf, 2.0 * world))}
+
+
 ERROR_CASES = {
     "ulysses_heads_not_divisible": lambda r, w: cp.ulysses_attention(*qkv(3, 3), causal=True),
     "ulysses_kv_heads_not_divisible": lambda r, w: cp.ulysses_attention(*qkv(6, 3)),
@@ -156,6 +165,7 @@ def main():
         groups = make_groups(world)
         for name in os.environ.get("CP_CASES", ",".join(CASES)).split(","):
             results[name] = run_case(name, CASES[name], groups)
+        results["zigzag_roundtrip"] = zigzag_roundtrip(world)
     elif suite == "errors":
         for name, call in ERROR_CASES.items():
             try:

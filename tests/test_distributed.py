@@ -109,6 +109,12 @@ def test_matches_single_process(case_results, name):
             assert c["bwd_bytes"] == max(w - 2, 0) * c["kv_bytes"] + (w - 1) * c["kv_fp32_bytes"], c
 
 
+def test_zigzag_unshard_inverts_shard(case_results):
+    """zigzag_unshard(zigzag_shard(x)) == x on every rank; the gradient is summed over ranks."""
+    for res in case_results[1]:
+        assert res["zigzag_roundtrip"] == {"exact": True, "grad_ok": True}
+
+
 def test_errors_name_the_argument(tmp_path):
     """Bad calls raise ValueError (TypeError for the group) naming the problem, on every rank
     alike, without a hang: mismatched shard lengths are caught by one all-gather of the shapes."""
