@@ -9,6 +9,7 @@ torch.nn.functional.scaled_dot_product_attention.
     out = flashattn_ext.flash_attn_func(q, k, v, causal=True)        # (B, S, H, D) layout
     with flashattn_ext.patch_sdpa():                                   # route torch's SDPA here
         model(x)
+    flashattn_ext.distributed.ring_attention(q, k, v, causal=True)    # context parallel (imported lazily)
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
@@ -26,6 +27,14 @@ __version__ = "0.1.0"
 def build_info():
     """What this build contains: devices, dtypes, features, CUDA archs and head dims."""
     return dict(_C.build_info())
+
+
+def __getattr__(name):
+    # flashattn_ext.distributed is imported on first use, so `import flashattn_ext` stays light
+    if name == "distributed":
+        import importlib
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "block_sparse_attention", "BlockSparseMask", "sparse",
