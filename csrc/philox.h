@@ -52,6 +52,15 @@ FLASHATTN_HOST_DEVICE uint32_t dropout_keep_bits(uint64_t seed, uint64_t offset,
          (r.x[2] < keep_threshold ? 4u : 0u) | (r.x[3] < keep_threshold ? 8u : 0u);
 }
 
+// What a kept probability is multiplied by: 1 / (1 - dropout_p); 0 when dropout_p = 1 (everything
+// is dropped: outputs and gradients 0, not 0 * inf = NaN); 1 without dropout. Every kernel (CPU,
+// CUDA tensor-core and SIMT) uses this one rule.
+template <typename T>
+FLASHATTN_HOST_DEVICE T dropout_keep_scale(double dropout_p) {
+  if (!(dropout_p > 0.0)) return T(1);
+  return dropout_p < 1.0 ? static_cast<T>(1.0 / (1.0 - dropout_p)) : T(0);
+}
+
 // P(keep) = keep_threshold / 2^32 = 1 - dropout_p (to 2^-32).
 FLASHATTN_HOST_DEVICE uint32_t dropout_keep_threshold(double dropout_p) {
   const double keep = (1.0 - dropout_p) * 4294967296.0;

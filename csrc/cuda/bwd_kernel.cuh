@@ -22,6 +22,7 @@
 #include "ptx.h"
 #include "score_mod.h"
 #include "smem_layout.h"
+#include "tile_masks.h"
 #include "warp_gemm.h"
 
 namespace flashattn::cuda {
@@ -102,7 +103,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
   if (total > 0) load_stage(0, 0);
   cp_async_commit();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp = threadIdx.x / 32;
+  const AccCoord acc;  // where a thread's accumulator elements lie
   const int s_key0 = (warp % Traits::kWarpsKeysS) * (kBlockN / Traits::kWarpsKeysS);
   const int s_query0 = (warp / Traits::kWarpsKeysS) * (kBlockM / Traits::kWarpsQueriesS);
   const int kv_key0 = (warp % Traits::kWarpsKeysKV) * (kBlockN / Traits::kWarpsKeysKV);
@@ -119,7 +121,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
   zero(acc_dv);
   const float scale = static_cast<float>(p.softmax_scale), scale_log2 = scale * kLog2e;
   const bool dropout = kExtras && p.dropout_p > 0.f;
-  const float keep_scale = dropout ? (p.dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - p.dropout_p)) : 0.f) : 1.f;
+  const float keep_scale = dropout ? dropout_keep_scale<float>(p.dropout_p) : 1.f;
   const bool float_mask_grad = kExtras && p.dmask != nullptr;
 
   for (int64_t it = 0; it < total; ++it) {
@@ -143,17 +145,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
     bool skip = kExtras && mods.tile_skipped(p, m0, m_last, n0, n_last);
     if (kExtras && p.mask_kind != MaskKind::kNone && !skip) {
       // A tile the attn_mask removes entirely (all false / -inf) contributes nothing.
-      bool any = false;
+      skip = tile_masked_out(p, mods, [&](auto&& visit) {
 #pragma unroll
-      for (int mt = 0; mt < Traits::kSMT; ++mt)
+        for (int mt = 0; mt < Traits::kSMT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < Traits::kSNT; ++nt)
+          for (int nt = 0; nt < Traits::kSNT; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int64_t i = m0 + s_query0 + 8 * nt + 2 * t + (e % 2), j = n0 + s_key0 + 16 * mt + g + 8 * (e / 2);
-            if (i < p.seqlen_q && j < p.seqlen_k) any = any || mods.mask_allows(p, i, j);
-          }
-      skip = !__syncthreads_or(any);
+            for (int e = 0; e < 4; ++e) visit(acc.col(m0 + s_query0, nt, e), acc.row(n0 + s_key0, mt, e));
+      });
     }
 
     if (!skip) {
@@ -165,22 +164,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
       zero(acc_s);
       warp_gemm<Traits::kSMT, Traits::kSNT, kHeadDim / 16, false, false, 1, Element>(
           acc_s, frag_k, FragB<TileQ>(sQ, s_query0));
-      // Band and sequence ends: each query column i sees the keys [lo, hi) of this tile.
+      // Band and sequence ends: each query column i sees the keys [lo, hi) of this tile (S^T:
+      // keys are the accumulator rows, queries the columns).
       if (!mods.tile_inside_band(p, m0, m_last, n0, n_last)) {
 #pragma unroll
         for (int nt = 0; nt < Traits::kSNT; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int64_t i = m0 + s_query0 + 8 * nt + 2 * t + e;
-            const int64_t begin = band_key_begin(p, i) - n0, end = band_key_end(p, i) - n0;
-            const int lo = static_cast<int>(begin < 0 ? 0 : (begin > kBlockN ? kBlockN : begin));
-            const int hi = i >= p.seqlen_q ? 0 : static_cast<int>(end < 0 ? 0 : (end > kBlockN ? kBlockN : end));
+            const KeyInterval keys = band_interval<kBlockN>(p, acc.col(m0 + s_query0, nt, e), n0);
 #pragma unroll
             for (int mt = 0; mt < Traits::kSMT; ++mt)
 #pragma unroll
               for (int half = 0; half < 2; ++half) {
-                const int key = s_key0 + 16 * mt + g + 8 * half;
-                if (key < lo || key >= hi) acc_s[mt][nt][2 * half + e] = -INFINITY;
+                const int key = acc.row(s_key0, mt, 2 * half);
+                if (key < keys.lo || key >= keys.hi) acc_s[mt][nt][2 * half + e] = -INFINITY;
               }
           }
       }
@@ -192,7 +189,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
         for (int nt = 0; nt < Traits::kSNT; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int col = s_query0 + 8 * nt + 2 * t + (e % 2);
+            const int col = acc.col(s_query0, nt, e);
             const float lse2 = s_lse[col], delta = s_delta[col];
             float dprob = acc_dp[mt][nt][e];
             if (!elementwise) {
@@ -202,7 +199,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
               acc_s[mt][nt][e] = prob;
               continue;
             }
-            const int64_t i = m0 + col, j = n0 + s_key0 + 16 * mt + g + 8 * (e / 2);
+            const int64_t i = m0 + col, j = acc.row(n0 + s_key0, mt, e);
             float ds = 0.f, prob = 0.f;
             if (acc_s[mt][nt][e] != -INFINITY && i < p.seqlen_q && j < p.seqlen_k &&
                 (!mods.has_element_mask || mods.visible(p, i, j))) {
@@ -256,8 +253,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
         for (int nt = 0; nt < Traits::kDqChunk / 8; ++nt)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const int row = dq_row0 + g + 8 * half;
-            const int col = 16 * (pair_begin + kGroupsDq * (nt / 2) + dq_group) + 8 * (nt % 2) + 2 * t;
+            const int row = acc.row(dq_row0, 0, 2 * half);
+            const int col = acc.col(16 * (pair_begin + kGroupsDq * (nt / 2) + dq_group), nt % 2, 0);
             if (m0 + row < p.seqlen_q)
               red_add_f32x2(dq_accum + static_cast<int64_t>(row) * kHeadDim + col, acc_dq[0][nt][2 * half],
                             acc_dq[0][nt][2 * half + 1]);

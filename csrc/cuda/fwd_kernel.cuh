@@ -21,9 +21,11 @@
 
 #include "../attention_params.h"
 #include "kernel_traits.h"
+#include "online_softmax.h"
 #include "ptx.h"
 #include "score_mod.h"
 #include "smem_layout.h"
+#include "tile_masks.h"
 #include "warp_gemm.h"
 
 namespace flashattn::cuda {
@@ -48,7 +50,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
   constexpr int kStages = kRing ? 2 : 1;
   constexpr int kSubTiles = kRing ? Traits::kSubTiles : 1;
   constexpr int kSubN = kBlockN / kSubTiles, kScoreNT = kSubN / 8;
-  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* sQ = reinterpret_cast<Element*>(smem_raw);
@@ -107,21 +109,17 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
     cp_async_commit();
   }
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp = threadIdx.x / 32;
   const int warp_row0 = warp * Traits::kWarpRows;  // first row of this warp inside the block
+  const AccCoord acc;                               // where a thread's accumulator elements lie
   const FragA<TileQ> frag_q(sQ, warp_row0);
 
   float acc_o[kMT][kOutNT][4];
   zero(acc_o);
-  float row_max[kMT][2], row_sum[kMT][2];
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) row_max[mt][half] = -INFINITY, row_sum[mt][half] = 0.f;
   // exp2 argument = score * exp_scale - row_max * exp_scale. Raw scores carry the softmax scale
   // in exp_scale; transformed scores (softcap, ALiBi, float mask) are already scaled logits.
   const bool has_transform = kExtras && mods.has_transform;
-  const float exp_scale = has_transform ? kLog2e : static_cast<float>(p.softmax_scale) * kLog2e;
+  OnlineSoftmax<kMT> softmax(has_transform ? kLog2e : static_cast<float>(p.softmax_scale) * kLog2e);
   const bool dropout = kExtras && p.dropout_p > 0.f;
 
   // One K/V tile. The ring's stage is a compile-time constant (the loop below is unrolled by
@@ -150,38 +148,32 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
     bool skip = kExtras && mods.tile_skipped(p, m0, m_last, n0, n0 + kBlockN - 1);
     if (kExtras && p.mask_kind != MaskKind::kNone && !skip) {
       // A tile the attn_mask removes entirely (all false / -inf) skips both products.
-      bool any = false;
+      skip = tile_masked_out(p, mods, [&](auto&& visit) {
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
+        for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < kBlockN / 8; ++nt)
+          for (int nt = 0; nt < kBlockN / 8; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * (e / 2), j = n0 + 8 * nt + 2 * t + (e % 2);
-            if (i < p.seqlen_q && j < p.seqlen_k) any = any || mods.mask_allows(p, i, j);
-          }
-      skip = !__syncthreads_or(any);
+            for (int e = 0; e < 4; ++e) visit(acc.row(m0 + warp_row0, mt, e), acc.col(n0, nt, e));
+      });
     }
     // Scores of keys [n0s, n0s + kSubN) -> masked, online-softmax step, dropout -> P fragments.
     auto scores_to_probs = [&](float (&acc_s)[kMT][kScoreNT][4], int64_t n0s,
                                uint32_t (&p_frag)[kMT][kScoreNT / 2][4]) {
-      // Masking, only where this tile needs it. The band and the sequence ends reduce to one
-      // visible key interval [lo, hi) per row (tile-relative), two compares per score.
+      // The band and the sequence ends, only where this tile needs them: one visible key
+      // interval [lo, hi) per row, two compares per score.
       if (!mods.tile_inside_band(p, m0, m_last, n0s, n0s + kSubN - 1)) {
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * half;
-            const int64_t begin = band_key_begin(p, i) - n0s, end = band_key_end(p, i) - n0s;
-            const int lo = static_cast<int>(begin < 0 ? 0 : (begin > kSubN ? kSubN : begin));
-            const int hi = i >= p.seqlen_q ? 0 : static_cast<int>(end < 0 ? 0 : (end > kSubN ? kSubN : end));
+            const KeyInterval keys = band_interval<kSubN>(p, acc.row(m0 + warp_row0, mt, 2 * half), n0s);
 #pragma unroll
             for (int nt = 0; nt < kScoreNT; ++nt)
 #pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const int col = 8 * nt + 2 * t + e;
-                if (col < lo || col >= hi) acc_s[mt][nt][2 * half + e] = -INFINITY;
+              for (int e = 2 * half; e < 2 * half + 2; ++e) {
+                const int col = acc.col(0, nt, e);
+                if (col < keys.lo || col >= keys.hi) acc_s[mt][nt][e] = -INFINITY;
               }
           }
       }
@@ -193,7 +185,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
           for (int nt = 0; nt < kScoreNT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * (e / 2), j = n0s + 8 * nt + 2 * t + (e % 2);
+              const int64_t i = acc.row(m0 + warp_row0, mt, e), j = acc.col(n0s, nt, e);
               float& s = acc_s[mt][nt][e];
               if (s == -INFINITY || i >= p.seqlen_q || j >= p.seqlen_k) continue;
               if (mods.has_transform) s = mods.logit(p, s, i, j);
@@ -201,36 +193,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
             }
       }
 
-      // Online softmax: new row maxima, rescale O and row_sum, P = exp2(S * exp_scale - max).
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float tile_max = row_max[mt][half];
-#pragma unroll
-          for (int nt = 0; nt < kScoreNT; ++nt)
-            tile_max = fmaxf(tile_max, fmaxf(acc_s[mt][nt][2 * half], acc_s[mt][nt][2 * half + 1]));
-          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-          const float max_scaled = tile_max == -INFINITY ? 0.f : tile_max * exp_scale;
-          const float correction =
-              row_max[mt][half] == -INFINITY ? 0.f : fast_exp2(row_max[mt][half] * exp_scale - max_scaled);
-          row_max[mt][half] = tile_max;
-          row_sum[mt][half] *= correction;
-#pragma unroll
-          for (int nt = 0; nt < kOutNT; ++nt) {
-            acc_o[mt][nt][2 * half] *= correction;
-            acc_o[mt][nt][2 * half + 1] *= correction;
-          }
-#pragma unroll
-          for (int nt = 0; nt < kScoreNT; ++nt)
-#pragma unroll
-            for (int e = 2 * half; e < 2 * half + 2; ++e) {
-              const float prob = fast_exp2(acc_s[mt][nt][e] * exp_scale - max_scaled);
-              acc_s[mt][nt][e] = prob;
-              row_sum[mt][half] += prob;
-            }
-        }
+      softmax.step(acc_s, acc_o);
 
       // Dropout after the normaliser is counted: dropped probabilities leave P V only
       // (1 / (1 - dropout_p) is folded into the final normalisation).
@@ -239,10 +202,10 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const int64_t i = m0 + warp_row0 + 16 * mt + g + 8 * half;
+            const int64_t i = acc.row(m0 + warp_row0, mt, 2 * half);
 #pragma unroll
             for (int nt = 0; nt < kScoreNT; ++nt) {
-              const int64_t j = n0s + 8 * nt + 2 * t;  // even: j, j + 1 share one Philox draw
+              const int64_t j = acc.col(n0s, nt, 0);  // even: j, j + 1 share one Philox draw
               const uint32_t bits = mods.keep_bits(p, i, j & ~int64_t(3)) >> (j & 3);
               if (!(bits & 1u)) acc_s[mt][nt][2 * half] = 0.f;
               if (!(bits & 2u)) acc_s[mt][nt][2 * half + 1] = 0.f;
@@ -299,28 +262,12 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
       iteration(std::integral_constant<int, 0>{}, n_block);
   }
 
-  // Epilogue: O /= row_sum, lse = log(row_sum) + row_max (natural log), empty rows -> O = 0, lse = -inf.
-  // dropout_p = 1 drops everything: O = 0 (1 / (1 - p) would be inf, and 0 * inf = NaN).
-  const float keep_scale = dropout ? (p.dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - p.dropout_p)) : 0.f) : 1.f;
+  // Epilogue: O /= row_sum, lse (natural log); rows that saw no key: O = 0, lse = -inf.
   float* lse = p.lse + bh * p.seqlen_q + m0;
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float sum = row_sum[mt][half];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const bool empty = !(sum > 0.f);
-      const float inv = empty ? 0.f : keep_scale / sum;
-#pragma unroll
-      for (int nt = 0; nt < kOutNT; ++nt) {
-        acc_o[mt][nt][2 * half] *= inv;
-        acc_o[mt][nt][2 * half + 1] *= inv;
-      }
-      const int row = warp_row0 + 16 * mt + g + 8 * half;
-      if (t == 0 && row < rows)
-        lse[row] = empty ? -INFINITY : (row_max[mt][half] * exp_scale) * kLn2 + logf(sum);
-    }
+  softmax.finalize(acc_o, dropout ? dropout_keep_scale<float>(p.dropout_p) : 1.f, [&](int mt, int half, auto&& row_lse) {
+    const int row = acc.row(warp_row0, mt, 2 * half);
+    if (acc.t == 0 && row < rows) lse[row] = row_lse();
+  });
 
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with sQ

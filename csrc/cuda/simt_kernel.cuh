@@ -51,14 +51,6 @@ __device__ __forceinline__ Acc warp_sum(Acc x) {
   return x;
 }
 
-// 1 / (1 - dropout_p) for kept probabilities; 0 when dropout_p = 1 (everything dropped: O = 0,
-// not 0 * inf = NaN), 1 without dropout. The CPU path uses the same rule.
-template <typename Acc>
-__device__ __forceinline__ Acc simt_keep_scale(const AttentionParams& p) {
-  if (!(p.dropout_p > 0.0)) return Acc(1);
-  return p.dropout_p < 1.0 ? Acc(1) / (Acc(1) - static_cast<Acc>(p.dropout_p)) : Acc(0);
-}
-
 // Dot product of a shared-memory row (Acc) with a global row (T), computed by one lane.
 template <typename T, typename Acc>
 __device__ __forceinline__ Acc row_dot(const Acc* a, const T* b, int64_t n) {
@@ -124,7 +116,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_fwd_kernel(const Attenti
     }
   }
 
-  const Acc keep_scale = simt_keep_scale<Acc>(p);
+  const Acc keep_scale = dropout_keep_scale<Acc>(p.dropout_p);
   const Acc inv = row_sum > Acc(0) ? keep_scale / row_sum : Acc(0);
   T* out = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
 #pragma unroll
@@ -136,23 +128,22 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_fwd_kernel(const Attenti
     p.lse[bh * p.seqlen_q + i] = row_sum > Acc(0) ? static_cast<float>(row_max + log(row_sum)) : -INFINITY;
 }
 
-// Shared by both backward kernels: P, dP and dS of one (i, j) pair; returns false if invisible.
+// Shared by both backward kernels: P, dP and dS of one visible (i, j) pair.
 // prob_dropped multiplies dO in dV; ds_qk is the gradient w.r.t. q_i . k_j (scale included).
 template <typename T, typename Acc>
-__device__ __forceinline__ bool simt_grad_element(const AttentionGradParams& p, const ScoreMods& mods, int64_t b,
+__device__ __forceinline__ void simt_grad_element(const AttentionGradParams& p, const ScoreMods& mods, int64_t b,
                                                   int64_t h, int64_t i, int64_t j, Acc s, Acc dprob, Acc lse,
                                                   Acc delta, bool with_dmask, Acc* prob_dropped, Acc* ds_qk) {
   Acc softcap_grad = 1;
   const Acc x = mods.has_transform ? mods.logit(p, s, i, j, &softcap_grad) : s * static_cast<Acc>(p.softmax_scale);
   const Acc prob = exp(x - lse);
   const bool kept = !(p.dropout_p > 0.f) || mods.keep(p, i, j);
-  const Acc keep_scale = simt_keep_scale<Acc>(p);
+  const Acc keep_scale = dropout_keep_scale<Acc>(p.dropout_p);
   dprob = kept ? dprob * keep_scale : Acc(0);
   const Acc ds = prob * (dprob - delta);
   if (with_dmask) add_dmask(p, b, h, i, j, static_cast<float>(ds));
   *prob_dropped = kept ? prob * keep_scale : Acc(0);
   *ds_qk = ds * softcap_grad * static_cast<Acc>(p.softmax_scale);
-  return true;
 }
 
 template <typename T>

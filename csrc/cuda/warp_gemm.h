@@ -53,6 +53,27 @@ struct FragAddr {
   }
 };
 
+// Where accumulator element e (0..3) of the 16 x 8 tile (mt, nt) of a warp product lies: row
+// base + 16 mt + g + 8 (e / 2), column base + 8 nt + 2 t + e % 2 (lane = 4 g + t). The base
+// (the warp's first row or column, maybe 64-bit) comes first, as the kernels always added it:
+// ptxas's register allocation near 255 depends even on that order.
+struct AccCoord {
+  int g, t;
+  __device__ __forceinline__ AccCoord() {
+    const int lane = threadIdx.x % 32;
+    g = lane / 4;
+    t = lane % 4;
+  }
+  template <typename Index>
+  __device__ __forceinline__ Index row(Index base, int mt, int e) const {
+    return base + 16 * mt + g + 8 * (e / 2);
+  }
+  template <typename Index>
+  __device__ __forceinline__ Index col(Index base, int nt, int e) const {
+    return base + 8 * nt + 2 * t + (e % 2);
+  }
+};
+
 // Operand roles -> address patterns.
 template <class Tile> using FragA = FragAddr<Tile, true>;        // A stored [m][k]
 template <class Tile> using FragATrans = FragAddr<Tile, false>;  // A stored [k][m]
