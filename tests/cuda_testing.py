@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import flashattn_ext
+import reference as reference_module
 from flashattn_ext.testing import emulated_cuda, emulator_unavailable_reason, poison_outputs
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cuda", "tools"))
@@ -70,59 +71,14 @@ def gpu_only():
 
 
 def band_mask(L, S, window_left=-1, window_right=-1, bottom_right=False, device=None):
-    """Bool (L, S): True where query i sees key j under the band (attention_params.h)."""
-    device = DEV if device is None else device
-    i = torch.arange(L, device=device)[:, None]
-    j = torch.arange(S, device=device)[None, :]
-    diag = S - L if bottom_right else 0
-    keep = torch.ones(L, S, dtype=torch.bool, device=device)
-    if window_left >= 0:
-        keep &= j >= i + diag - window_left
-    if window_right >= 0:
-        keep &= j <= i + diag + window_right
-    return keep
+    """Bool (L, S): True where query i sees key j under the band, on the current test's device."""
+    return reference_module.band_mask(L, S, window_left, window_right, bottom_right, DEV if device is None else device)
 
 
-def reference(q, k, v, *, dtype=torch.float64, scale=None, attn_mask=None, causal=False, bottom_right=False,
-              window=(-1, -1), softcap=0.0, alibi=None, keep=None, dropout_p=0.0):
-    """Attention in `dtype` (float64 for the reference, q's dtype for the baseline), SDPA layout
-    (B, H, L, E). Returns (out, lse); fully masked rows give out 0 and lse -inf."""
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    B, H, L, E = q.shape
-    Hk, S = k.shape[1], k.shape[2]
-    if Hk != H:
-        k = k.repeat_interleave(H // Hk, dim=1)
-        v = v.repeat_interleave(H // Hk, dim=1)
-    scale = 1.0 / math.sqrt(E) if scale is None else scale
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    s = (q @ k.transpose(-1, -2)).to(acc) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    if alibi is not None:
-        i = torch.arange(L, device=q.device)[:, None]
-        j = torch.arange(S, device=q.device)[None, :]
-        dist = (i + S - L - j).abs().to(acc)
-        slopes = alibi.to(acc).reshape(-1, H, 1, 1) if alibi.dim() == 2 else alibi.to(acc).reshape(1, H, 1, 1)
-        s = s - slopes * dist
-    visible = torch.ones(L, S, dtype=torch.bool, device=q.device)
-    left, right = window
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    visible = visible & band_mask(L, S, left, right, bottom_right, q.device)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            visible = visible & attn_mask
-        else:
-            s = s + attn_mask.to(acc)
-    s = s.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None])
-    p = torch.where(torch.isfinite(lse)[..., None], p, torch.zeros_like(p))
-    p = p.nan_to_num(0.0)
-    if keep is not None:
-        p = p * keep.to(acc) / (1.0 - dropout_p)
-    out = (p.to(dtype) @ v).to(dtype)
-    return out, lse.float()
+def reference(q, k, v, *, dtype=torch.float64, alibi=None, keep=None, **kwargs):
+    """tests/reference.py's reference_attention in `dtype` (float64: the reference; q's dtype:
+    the baseline), with this module's names for ALiBi slopes and the dropout keep mask."""
+    return reference_module.reference_attention(q, k, v, dtype=dtype, alibi_slopes=alibi, dropout_keep=keep, **kwargs)
 
 
 def errors(x, ref):

@@ -21,31 +21,36 @@ def band_mask(L, S, window_left=-1, window_right=-1, bottom_right=False, device=
 
 def reference_attention(q, k, v, attn_mask=None, *, scale=None, causal=False, bottom_right=False,
                         window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_keep=None, dropout_p=0.0,
-                        block_mask=None, block_size=(128, 128)):
-    """q (..., Hq, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev) in float64 -> (out, lse).
-    Fully masked rows give out = 0 and lse = -inf (their gradients are 0)."""
-    q, k, v = q.double(), k.double(), v.double()
+                        block_mask=None, block_size=(128, 128), dtype=torch.float64):
+    """q (..., Hq, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev) -> (out, lse), in float64 by default.
+
+    dtype (the upcast switch): the same math run in a lower precision, as torch's math SDPA does on
+    a GPU and flash-attn's reference with upcast=False: inputs and the two matmuls in `dtype`, the
+    softmax in float32, P rounded to `dtype` before P V. That is the baseline of the "at most 2x
+    torch's own low-precision error" rule. Fully masked rows give out = 0 and lse = -inf (their
+    gradients are 0). lse comes back in float32 unless dtype is float64."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
     if q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
         group = q.shape[-3] // k.shape[-3]
         k = k.repeat_interleave(group, dim=-3)
         v = v.repeat_interleave(group, dim=-3)
     scale = 1.0 / math.sqrt(E) if scale is None else scale
-    s = (q @ k.transpose(-1, -2)) * scale
+    s = (q @ k.transpose(-1, -2)).to(acc) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     if alibi_slopes is not None:
         i = torch.arange(L, device=q.device)[:, None]
         j = torch.arange(S, device=q.device)[None, :]
-        dist = (i + S - L - j).abs().double()
-        slopes = alibi_slopes.double()
-        s = s - slopes[..., None, None] * dist
+        dist = (i + S - L - j).abs().to(acc)
+        s = s - alibi_slopes.to(acc)[..., None, None] * dist
     visible = torch.ones(s.shape, dtype=torch.bool, device=q.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             visible = visible & attn_mask
         else:
-            s = s + attn_mask.double()
+            s = s + attn_mask.to(acc)
     left, right = window
     if causal:
         right = 0 if right < 0 else min(right, 0)
@@ -64,5 +69,6 @@ def reference_attention(q, k, v, attn_mask=None, *, scale=None, causal=False, bo
     lse = torch.where(empty.squeeze(-1), torch.full_like(row_max.squeeze(-1), float("-inf")),
                       row_max.squeeze(-1) + torch.log(torch.where(denom > 0, denom, torch.ones_like(denom)).squeeze(-1)))
     if dropout_keep is not None:
-        p = p * dropout_keep.double() / (1.0 - dropout_p) if dropout_p < 1 else torch.zeros_like(p)
-    return p @ v, lse
+        p = p * dropout_keep.to(acc) / (1.0 - dropout_p) if dropout_p < 1 else torch.zeros_like(p)
+    out = p.to(dtype) @ v
+    return out, (lse if dtype == torch.float64 else lse.float())

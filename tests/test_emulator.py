@@ -19,6 +19,7 @@ import torch
 
 import flashattn_ext
 from cuda_testing import HEAD_DIM_BUCKETS
+from reference import reference_attention
 from flashattn_ext.testing import emulated_cuda, emulator_selftest, emulator_unavailable_reason, poison_outputs
 
 _why = emulator_unavailable_reason()
@@ -117,12 +118,7 @@ def test_emulated_kernels_match_cpu_kernels(dtype, head_dim, causal, mask):
 
 
 def reference(q, k, v, causal, mask=None):
-    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        s = s + mask.double()
-    if causal:
-        s = s.masked_fill(~torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril(), float("-inf"))
-    return torch.softmax(s, -1) @ v.double()
+    return reference_attention(q, k, v, mask, causal=causal)[0]
 
 
 SCHEDULE_CASES = [("warp-reverse", 1, False), ("random", 1, False), ("random", 2, False), ("lockstep", 1, True)]
