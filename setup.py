@@ -158,12 +158,9 @@ def make_extension():
                          extra_link_args=["-fopenmp", "-ldl"])
 
 
+# Name, version (flashattn_ext/__init__.py), dependencies and metadata: pyproject.toml.
 setup(
-    name="flashattn_ext",
-    version="0.1.0",
-    description="FlashAttention as a PyTorch C++/CUDA extension: a drop-in for scaled_dot_product_attention",
     packages=find_packages(include=["flashattn_ext", "flashattn_ext.*"]),
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExt},
-    python_requires=">=3.9",
 )

@@ -7,11 +7,40 @@
 
 namespace flashattn {
 
+// The largest head dim (E and Ev) the CUDA kernels take: the SIMT path's limit (tensor cores take
+// up to 256). CPU takes any. Exported as build_info()["cuda_max_headdim"].
+constexpr int64_t kCudaMaxHeadDim = 512;
+
 enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // attn_mask element type. A bool mask marks keys that take part; a float mask is added to the
 // scaled scores. SDPA accepts bool, float32 or the query's dtype.
 enum class MaskKind : int32_t { kNone = 0, kBool = 1, kFloat32 = 2, kFloat64 = 3, kFloat16 = 4, kBFloat16 = 5 };
+
+// Cheap inline helpers shared by every backend.
+#if defined(__CUDACC__)
+#define FLASHATTN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FLASHATTN_HOST_DEVICE inline
+#endif
+
+// A (batch, heads, rows, cols) view of a tensor broadcast through zero strides (attn_mask and its
+// gradient). The flattened batch index b splits into (b / batch_inner, b % batch_inner), so
+// leading dims that cannot be merged stay views. Strides in elements.
+struct BroadcastView {
+  int64_t batch_inner = 1;
+  int64_t batch_outer_stride = 0, batch_stride = 0, head_stride = 0;
+  int64_t row_stride = 0, col_stride = 0;
+
+  // Offset of element (b, h, i, 0), and of (b, h, i, j).
+  FLASHATTN_HOST_DEVICE int64_t row_offset(int64_t b, int64_t h, int64_t i) const {
+    return (b / batch_inner) * batch_outer_stride + (b % batch_inner) * batch_stride + h * head_stride +
+           i * row_stride;
+  }
+  FLASHATTN_HOST_DEVICE int64_t offset(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    return row_offset(b, h, i) + j * col_stride;
+  }
+};
 
 // Tensors are (batch, heads, rows, cols) with the last dim contiguous; strides are in elements.
 // Head h of Q reads K/V head h / (num_heads / num_heads_k) (GQA/MQA, never copied per query head).
@@ -43,13 +72,10 @@ struct AttentionParams {
   int64_t window_left = -1, window_right = -1;
   bool bottom_right = false;
 
-  // attn_mask, broadcast through zero strides. The flattened batch index b splits into
-  // (b / mask_batch_inner, b % mask_batch_inner) so leading dims that cannot be merged stay views.
+  // attn_mask, broadcast to the scores through zero strides.
   const void* mask = nullptr;
   MaskKind mask_kind = MaskKind::kNone;
-  int64_t mask_batch_inner = 1;
-  int64_t mask_batch_outer_stride = 0, mask_batch_stride = 0, mask_head_stride = 0;
-  int64_t mask_row_stride = 0, mask_col_stride = 0;
+  BroadcastView mask_view;
 
   // ALiBi: score(i, j) += -slope(b, h) * |i + seqlen_k - seqlen_q - j| (flash-attn convention).
   const float* alibi_slopes = nullptr;
@@ -101,22 +127,9 @@ struct AttentionGradParams : AttentionParams {
   // Gradient of a float attn_mask, fp32, in the mask's own (unexpanded) shape and strides:
   // contributions of broadcast elements are summed into the one element they read.
   float* dmask = nullptr;
-  int64_t dmask_batch_stride = 0, dmask_head_stride = 0, dmask_row_stride = 0, dmask_col_stride = 0;
-  int64_t dmask_batch_inner = 1, dmask_batch_outer_stride = 0;
+  BroadcastView dmask_view;
 };
 
-// Cheap inline helpers shared by every backend.
-#if defined(__CUDACC__)
-#define FLASHATTN_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FLASHATTN_HOST_DEVICE inline
-#endif
-
-// Offset of the mask element (b, h, i, 0) in elements.
-FLASHATTN_HOST_DEVICE int64_t mask_row_offset(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
-  return (b / p.mask_batch_inner) * p.mask_batch_outer_stride + (b % p.mask_batch_inner) * p.mask_batch_stride +
-         h * p.mask_head_stride + i * p.mask_row_stride;
-}
 
 // First and one-past-last visible key of query row i under the band (ignoring masks).
 FLASHATTN_HOST_DEVICE int64_t band_diag(const AttentionParams& p) {

@@ -35,6 +35,7 @@ pybind11::dict build_info() {
 #else
   info["cuda"] = false;
 #endif
+  info["cuda_max_headdim"] = flashattn::kCudaMaxHeadDim;
   info["devices"] = devices;
   return info;
 }

@@ -4,6 +4,7 @@
 #include "ops.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ExpandUtils.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
@@ -22,9 +23,6 @@ namespace flashattn {
 namespace {
 
 std::atomic<bool> g_poison{false};
-
-// The CUDA SIMT path's limit (csrc/cuda/simt_kernel.cuh); tensor cores take up to 256.
-constexpr int64_t kCudaMaxHeadDim = 512;
 
 // CUDA tensors, and CPU tensors while the host emulator is on (tests), take the CUDA kernels'
 // launch path (csrc/cuda/launch.h); other CPU tensors the CPU kernels.
@@ -237,13 +235,12 @@ std::vector<int64_t> batch_materialized_shape(const at::Tensor& expanded) {
 
 // (..., H, L, S) view of a mask (rank >= 3) with its batch folded: a copy of the batch dims only
 // when the strides cannot be folded.
-std::pair<at::Tensor, BatchStrides> folded_view(at::Tensor expanded) {
-  if (auto b = fold_batch(expanded)) return {expanded, *b};
+at::Tensor folded_view(at::Tensor expanded) {
+  if (fold_batch(expanded)) return expanded;
   const auto full = expanded.sizes().vec();
   at::Tensor compact = at::empty(batch_materialized_shape(expanded), expanded.options());
   compact.copy_(expanded.as_strided(compact.sizes(), expanded.strides()));
-  at::Tensor view = compact.expand(full);
-  return {view, *fold_batch(view)};
+  return compact.expand(full);
 }
 
 at::Tensor scores_view(const at::Tensor& mask, const at::Tensor& q, const at::Tensor& k) {
@@ -252,18 +249,26 @@ at::Tensor scores_view(const at::Tensor& mask, const at::Tensor& q, const at::Te
   return m;
 }
 
+// The kernels' view of a (..., H, L, S) tensor whose batch dims fold.
+BroadcastView broadcast_view(const at::Tensor& m) {
+  const BatchStrides b = *fold_batch(m);
+  BroadcastView view;
+  view.batch_inner = b.inner;
+  view.batch_stride = b.inner_stride;
+  view.batch_outer_stride = b.outer_stride;
+  view.head_stride = m.stride(-3);
+  view.row_stride = m.stride(-2);
+  view.col_stride = m.stride(-1);
+  return view;
+}
+
 void fill_mask(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& mask,
                at::Tensor& keep_alive) {
-  auto [m, b] = folded_view(scores_view(mask, q, k));
+  const at::Tensor m = folded_view(scores_view(mask, q, k));
   keep_alive = m;
   p.mask = m.data_ptr();
   p.mask_kind = mask_kind_of(m.scalar_type());
-  p.mask_batch_inner = b.inner;
-  p.mask_batch_stride = b.inner_stride;
-  p.mask_batch_outer_stride = b.outer_stride;
-  p.mask_head_stride = m.stride(-3);
-  p.mask_row_stride = m.stride(-2);
-  p.mask_col_stride = m.stride(-1);
+  p.mask_view = broadcast_view(m);
 }
 
 // Everything but the pointers to outputs; keep_alive holds tensors the params point into.
@@ -377,24 +382,6 @@ void read_philox(AttentionParams& p, const at::Tensor& rng_state) {
   p.philox_offset = static_cast<uint64_t>(s[1].item<int64_t>());
 }
 
-void cuda_kernels_forward(AttentionParams& p, const at::Tensor& q, at::Tensor& rng_state) {
-  if (q.is_cpu()) return emulated_forward(p, rng_state);
-#ifdef FLASHATTN_WITH_CUDA
-  cuda_forward(p, q, rng_state);
-#else
-  TORCH_CHECK(false, "flashattn_ext was built without CUDA support; rebuild with a CUDA torch and nvcc");
-#endif
-}
-
-void cuda_kernels_backward(AttentionGradParams& p, const at::Tensor& q, const at::Tensor& rng_state) {
-  if (q.is_cpu()) return emulated_backward(p, rng_state);
-#ifdef FLASHATTN_WITH_CUDA
-  cuda_backward(p, q, rng_state);
-#else
-  TORCH_CHECK(false, "flashattn_ext was built without CUDA support; rebuild with a CUDA torch and nvcc");
-#endif
-}
-
 void poison(std::initializer_list<at::Tensor> ts) {
   if (!g_poison.load()) return;
   for (const at::Tensor& t : ts)
@@ -434,21 +421,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
     cpu::forward(p);
     return {out, lse, rng_state};
   }
-  if (p.lse64) {  // the CUDA kernels write a float lse; fp64 callers get it widened
-    at::Tensor lse32 = at::empty(lse.sizes(), lse.options().dtype(at::kFloat));
-    p.lse64 = nullptr;
-    p.lse = lse32.data_ptr<float>();
-    cuda_kernels_forward(p, q, rng_state);
-    lse.copy_(lse32);
-    return {out, lse, rng_state};
-  }
-  cuda_kernels_forward(p, q, rng_state);
+  cuda_kernels_forward(p, q, lse, rng_state);
   return {out, lse, rng_state};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& rng_state, const AttentionOptions& o, bool deterministic, bool mask_grad) {
+    const at::Tensor& lse, const at::Tensor& rng_state, const AttentionOptions& o, bool mask_grad) {
   check_inputs(q, k, v, o);
   std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
   out_shape.back() = v.size(-1);
@@ -469,15 +448,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                     "flashattn_ext: mask_grad needs a floating-point attn_mask");
 
   at::Tensor dq = allocate_grad(q), dk = allocate_grad(k), dv = allocate_grad(v);
-  // The CUDA backward zeroes dmask itself (through the strides it accumulates into).
   const bool cuda_kernels = runs_cuda_kernels(q);
-  at::Tensor dmask = !mask_grad     ? at::empty({0}, q.options())
-                     : cuda_kernels ? at::empty(o.attn_mask->sizes(), q.options().dtype(at::kFloat))
-                                    : at::zeros(o.attn_mask->sizes(), q.options().dtype(at::kFloat));
+  at::Tensor dmask = at::empty(mask_grad ? o.attn_mask->sizes() : at::IntArrayRef{0}, q.options().dtype(at::kFloat));
   poison({dq, dk, dv});
   if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0 || out.numel() == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();
-    if (mask_grad) dmask = dmask.to(o.attn_mask->scalar_type());
+    if (mask_grad) dmask = dmask.zero_().to(o.attn_mask->scalar_type());
     return {dq, dk, dv, dmask};
   }
 
@@ -499,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   p.dq_batch_stride = dq4.stride(0), p.dq_head_stride = dq4.stride(1), p.dq_row_stride = dq4.stride(2);
   p.dk_batch_stride = dk4.stride(0), p.dk_head_stride = dk4.stride(1), p.dk_row_stride = dk4.stride(2);
   p.dv_batch_stride = dv4.stride(0), p.dv_head_stride = dv4.stride(1), p.dv_row_stride = dv4.stride(2);
-  p.deterministic = deterministic;
+  p.deterministic = o.deterministic;
   if (p.dropout_p > 0 && !cuda_kernels) read_philox(p, rng_state);
 
   // dmask accumulates in fp32 through the broadcast view of the mask's own shape (or, when its
@@ -511,18 +487,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       dmask_acc = at::zeros(batch_materialized_shape(view), view.options());
       view = dmask_acc.expand(view.sizes());
     }
-    const BatchStrides b = *fold_batch(view);
     keep_alive.push_back(view);
     p.dmask = view.data_ptr<float>();
-    p.dmask_batch_inner = b.inner;
-    p.dmask_batch_stride = b.inner_stride;
-    p.dmask_batch_outer_stride = b.outer_stride;
-    p.dmask_head_stride = view.stride(-3);
-    p.dmask_row_stride = view.stride(-2);
-    p.dmask_col_stride = view.stride(-1);
+    p.dmask_view = broadcast_view(view);
   }
 
   if (!cuda_kernels) {
+    if (mask_grad && !dmask_acc.defined()) dmask.zero_();  // the CPU kernels accumulate into it
     const int64_t accum = cpu::backward_dq_accum_elems(p);
     at::Tensor dq_accum;
     if (accum > 0) {
@@ -531,15 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     }
     cpu::backward(p);
   } else {
-    at::Tensor delta = at::empty({p.batch * p.num_heads * p.seqlen_q}, q.options().dtype(at::kFloat));
-    p.delta = delta.data_ptr<float>();
-    at::Tensor lse32;
-    if (p.lse64) {  // the CUDA kernels read a float lse
-      lse32 = lse_c.to(at::kFloat);
-      p.lse64 = nullptr;
-      p.lse = lse32.data_ptr<float>();
-    }
-    cuda_kernels_backward(p, q, rng_state);
+    cuda_kernels_backward(p, q, lse_c, rng_state);
   }
   if (mask_grad) {
     if (dmask_acc.defined()) dmask.copy_(at::sum_to(dmask_acc, dmask.sizes()));
@@ -550,57 +513,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
 namespace {
 
-AttentionOptions options(const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& alibi_slopes,
-                         const std::optional<at::Tensor>& block_mask,
-                         const std::optional<at::Tensor>& block_elem_masks, double dropout_p, std::optional<double> scale,
-                         int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                         int64_t sparse_block_m, int64_t sparse_block_n) {
-  AttentionOptions o;
-  o.attn_mask = attn_mask;
-  o.alibi_slopes = alibi_slopes;
-  o.block_mask = block_mask;
-  o.block_elem_masks = block_elem_masks;
-  o.dropout_p = dropout_p;
-  o.scale = scale;
-  o.window_left = window_left;
-  o.window_right = window_right;
-  o.bottom_right = bottom_right;
-  o.softcap = softcap;
-  o.sparse_block_m = sparse_block_m;
-  o.sparse_block_n = sparse_block_n;
-  return o;
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_op(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v FLASHATTN_OPTIONS_PARAMS) {
+  return attention_fwd(q, k, v, FLASHATTN_OPTIONS_FROM_PARAMS());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_kernel(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
-                                                          const std::optional<at::Tensor>& alibi_slopes,
-                                                          const std::optional<at::Tensor>& block_mask,
-                                                          const std::optional<at::Tensor>& block_elem_masks,
-                                                          double dropout_p,
-                                                          std::optional<double> scale, int64_t window_left,
-                                                          int64_t window_right, bool bottom_right, double softcap,
-                                                          int64_t sparse_block_m, int64_t sparse_block_n,
-                                                          bool /*deterministic: used by the backward only*/) {
-  return attention_fwd(q, k, v,
-                       options(attn_mask, alibi_slopes, block_mask, block_elem_masks, dropout_p, scale, window_left, window_right,
-                               bottom_right, softcap, sparse_block_m, sparse_block_n));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernel(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_op(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& block_mask,
-    const std::optional<at::Tensor>& block_elem_masks, double dropout_p,
-    std::optional<double> scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    int64_t sparse_block_m, int64_t sparse_block_n, bool deterministic, bool mask_grad) {
-  return attention_bwd(grad_out, q, k, v, out, lse, rng_state,
-                       options(attn_mask, alibi_slopes, block_mask, block_elem_masks, dropout_p, scale, window_left, window_right,
-                               bottom_right, softcap, sparse_block_m, sparse_block_n),
-                       deterministic, mask_grad);
+    const at::Tensor& lse, const at::Tensor& rng_state FLASHATTN_OPTIONS_PARAMS, bool mask_grad) {
+  return attention_bwd(grad_out, q, k, v, out, lse, rng_state, FLASHATTN_OPTIONS_FROM_PARAMS(), mask_grad);
 }
+
+static_assert(std::is_same_v<decltype(fwd_op), FwdSignature>);
+static_assert(std::is_same_v<decltype(bwd_op), BwdSignature>);
 
 // Test-only: the keep mask (batch..., heads, L, S) as bool for a forward's rng_state.
-at::Tensor dropout_mask_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rng_state,
+at::Tensor dropout_mask_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rng_state,
                                double dropout_p) {
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, "flashattn_ext: dropout_p must be between 0 and 1, got ",
                     dropout_p);
@@ -617,45 +545,44 @@ at::Tensor dropout_mask_kernel(const at::Tensor& q, const at::Tensor& k, const a
     cpu::dropout_mask(p, reinterpret_cast<uint8_t*>(keep.data_ptr<bool>()));
     return keep;
   }
-  if (q.is_cpu()) return emulated_dropout_mask(p, rng_state).view(keep.sizes());
-#ifdef FLASHATTN_WITH_CUDA
-  return cuda_dropout_mask(p, rng_state).view(keep.sizes());
-#else
-  TORCH_CHECK(false, "flashattn_ext was built without CUDA support");
-#endif
+  return cuda_kernels_dropout_mask(p, q, rng_state).view(keep.sizes());
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fwd_op(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const AttentionOptions& options) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("flashattn_ext::fwd", "").typed<FwdSignature>();
+  return op.call(q, k, v FLASHATTN_OPTIONS_FIELDS);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bwd_op(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rng_state, const AttentionOptions& options, bool mask_grad) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("flashattn_ext::bwd", "").typed<BwdSignature>();
+  return op.call(grad_out, q, k, v, out, lse, rng_state FLASHATTN_OPTIONS_FIELDS, mask_grad);
+}
+
 }  // namespace flashattn
 
 TORCH_LIBRARY(flashattn_ext, m) {
-  m.def(
-      "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, Tensor? alibi_slopes=None, "
-      "Tensor? block_mask=None, Tensor? block_elem_masks=None, float dropout_p=0.0, float? scale=None, "
-      "int window_left=-1, "
-      "int window_right=-1, bool bottom_right=False, float softcap=0.0, int sparse_block_m=128, "
-      "int sparse_block_n=128, bool deterministic=False) -> (Tensor out, Tensor lse, Tensor rng_state)",
-      {at::Tag::nondeterministic_seeded});
-  m.def(
-      "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor rng_state, "
-      "Tensor? attn_mask=None, Tensor? alibi_slopes=None, Tensor? block_mask=None, "
-      "Tensor? block_elem_masks=None, float dropout_p=0.0, "
-      "float? scale=None, int window_left=-1, int window_right=-1, bool bottom_right=False, float softcap=0.0, "
-      "int sparse_block_m=128, int sparse_block_n=128, bool deterministic=False, bool mask_grad=False) "
-      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  m.def("fwd(Tensor q, Tensor k, Tensor v" FLASHATTN_OPTIONS_SCHEMA ") -> (Tensor out, Tensor lse, Tensor rng_state)",
+        {at::Tag::nondeterministic_seeded});
+  m.def("bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor rng_state"
+        FLASHATTN_OPTIONS_SCHEMA ", bool mask_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   m.def("dropout_mask(Tensor q, Tensor k, Tensor rng_state, float dropout_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flashattn_ext, CPU, m) {
-  m.impl("fwd", &flashattn::fwd_kernel);
-  m.impl("bwd", &flashattn::bwd_kernel);
-  m.impl("dropout_mask", &flashattn::dropout_mask_kernel);
+  m.impl("fwd", &flashattn::fwd_op);
+  m.impl("bwd", &flashattn::bwd_op);
+  m.impl("dropout_mask", &flashattn::dropout_mask_op);
 }
 
 #ifdef FLASHATTN_WITH_CUDA
 TORCH_LIBRARY_IMPL(flashattn_ext, CUDA, m) {
-  m.impl("fwd", &flashattn::fwd_kernel);
-  m.impl("bwd", &flashattn::bwd_kernel);
-  m.impl("dropout_mask", &flashattn::dropout_mask_kernel);
+  m.impl("fwd", &flashattn::fwd_op);
+  m.impl("bwd", &flashattn::bwd_op);
+  m.impl("dropout_mask", &flashattn::dropout_mask_op);
 }
 #endif

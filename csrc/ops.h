@@ -9,22 +9,17 @@
 #include <tuple>
 
 #include "attention_params.h"
+#include "op_options.h"
 
 namespace flashattn {
 
-// Arguments every op takes besides the main tensors, in schema order.
-struct AttentionOptions {
-  std::optional<at::Tensor> attn_mask;
-  std::optional<at::Tensor> alibi_slopes;
-  std::optional<at::Tensor> block_mask;        // bool/uint8 (kept blocks) or int32 (see ops.cpp)
-  std::optional<at::Tensor> block_elem_masks;  // (P, block_m, block_n) bool: partial blocks' element masks
-  double dropout_p = 0.0;
-  std::optional<double> scale;
-  int64_t window_left = -1, window_right = -1;
-  bool bottom_right = false;
-  double softcap = 0.0;
-  int64_t sparse_block_m = 128, sparse_block_n = 128;
-};
+// The ops' C++ signatures, derived from the option rows of op_options.h: every kernel registered
+// for the ops (ops.cpp, autograd.cpp) has exactly these, and redispatches go through them.
+using FwdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor& q, const at::Tensor& k,
+                                                                    const at::Tensor& v FLASHATTN_OPTIONS_TYPES);
+using BwdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rng_state FLASHATTN_OPTIONS_TYPES, bool mask_grad);
 
 // flashattn_ext::fwd — returns (out, lse, rng_state).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -33,11 +28,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
 // flashattn_ext::bwd — returns (dq, dk, dv, dmask); dmask is empty unless mask_grad.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& rng_state, const AttentionOptions& o, bool deterministic, bool mask_grad);
+    const at::Tensor& lse, const at::Tensor& rng_state, const AttentionOptions& o, bool mask_grad);
+
+// Calls of the ops through the dispatcher (from below the Autograd key, e.g. the autograd
+// functions), the options spread into the schema's arguments.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fwd_op(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const AttentionOptions& options);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bwd_op(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rng_state, const AttentionOptions& options, bool mask_grad);
 
 // Debug switch for tests: fill every output buffer with NaN before the kernels run.
 void set_poison_outputs(bool on);
 bool poison_outputs();
+
+// csrc/ops_cuda_kernels.cpp: the CUDA kernels' launch path for CUDA tensors, and for CPU tensors
+// while the host emulator is on. The backward zeroes p.dmask itself (through its strides).
+void cuda_kernels_forward(AttentionParams& p, const at::Tensor& q, const at::Tensor& lse, at::Tensor& rng_state);
+void cuda_kernels_backward(AttentionGradParams& p, const at::Tensor& q, const at::Tensor& lse,
+                           const at::Tensor& rng_state);
+at::Tensor cuda_kernels_dropout_mask(AttentionParams& p, const at::Tensor& q, const at::Tensor& rng_state);
 
 // csrc/ops_emulated.cpp: the CUDA kernels on the host emulator, for CPU tensors while a test has
 // switched it on (flashattn_ext.testing.emulated_cuda). emulator_load returns "" or why it failed.
@@ -45,8 +55,8 @@ std::string emulator_load(const std::string& path);
 void emulator_configure(bool enabled, int schedule, int64_t seed, bool copies_land_at_issue, int64_t sm_major,
                         int64_t sm_minor);
 bool emulating_cuda();
-std::string emulator_compiled(bool headdims);
-std::string emulator_selftest(const std::string& name, int schedule);  // the report, "" if none  // the emulated build's head-dim buckets or dtypes
+std::string emulator_compiled(bool headdims);  // the emulated build's head-dim buckets or dtypes
+std::string emulator_selftest(const std::string& name, int schedule);  // the report, "" if none
 void emulated_forward(AttentionParams& p, at::Tensor& rng_state);
 void emulated_backward(AttentionGradParams& p, const at::Tensor& rng_state);
 at::Tensor emulated_dropout_mask(AttentionParams& p, const at::Tensor& rng_state);

@@ -12,29 +12,57 @@ torch.nn.functional.scaled_dot_product_attention.
     flashattn_ext.distributed.ring_attention(q, k, v, causal=True)    # context parallel (imported lazily)
 """
 
-import torch  # noqa: F401  (loads libtorch before the extension)
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
-from . import _C  # noqa: F401  (registers torch.ops.flashattn_ext.*)
-from . import _fake  # noqa: F401  (fake kernels for torch.compile)
-from . import sparse
-from ._api import flash_attn_func, scaled_dot_product_attention
-from ._patch import patch_sdpa
-from .sparse import BlockSparseMask, block_sparse_attention
+# The compiled core: loading it registers torch.ops.flashattn_ext.* and their fake kernels. Where
+# torch or the built extension is missing the package still imports, so the pure-NumPy parts
+# (flashattn_ext.iolab) work; the attention API then raises the import error on first use.
+try:
+    import torch  # noqa: F401  (loads libtorch before the extension)
+    from . import _C  # noqa: F401
+    from . import _fake  # noqa: F401
+    _core_error = None
+except ImportError as e:  # no torch, or the extension is not built
+    _C = None
+    _core_error = e
 
-__version__ = "0.1.0"
+# Public names, imported on first use (PEP 562).
+_LAZY = {
+    "scaled_dot_product_attention": "._api",
+    "flash_attn_func": "._api",
+    "patch_sdpa": "._patch",
+    "block_sparse_attention": ".sparse",
+    "BlockSparseMask": ".sparse",
+}
+_SUBMODULES = ("sparse", "distributed", "iolab", "testing")
 
 
 def build_info():
     """What this build contains: devices, dtypes, features, CUDA archs and head dims."""
+    _require_core()
     return dict(_C.build_info())
 
 
+def _require_core():
+    if _core_error is not None:
+        raise ImportError(f"flashattn_ext: the compiled extension could not be loaded ({_core_error}); build it "
+                          f"with `pip install --no-build-isolation -e .` next to an installed torch") from _core_error
+
+
 def __getattr__(name):
-    # flashattn_ext.distributed is imported on first use, so `import flashattn_ext` stays light
-    if name == "distributed":
-        import importlib
-        return importlib.import_module(".distributed", __name__)
+    import importlib
+    if name in _LAZY:
+        _require_core()
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "block_sparse_attention", "BlockSparseMask", "sparse",

@@ -30,12 +30,24 @@ def _grad_like(x):
     return g
 
 
+def _bind(op, args, kwargs):
+    """A call's arguments by name with the schema's defaults: the option list is declared once, in
+    csrc/op_options.h, and read here from the registered schema."""
+    bound = {}
+    for i, arg in enumerate(op.default._schema.arguments):
+        bound[arg.name] = args[i] if i < len(args) else kwargs.get(arg.name, arg.default_value)
+    return bound
+
+
+def _tensor_options(a):
+    return {name: a[name] for name in ("attn_mask", "alibi_slopes", "block_mask", "block_elem_masks")}
+
+
 @torch.library.register_fake("flashattn_ext::fwd")
-def _fwd_fake(q, k, v, attn_mask=None, alibi_slopes=None, block_mask=None, block_elem_masks=None, dropout_p=0.0,
-              scale=None,
-              window_left=-1, window_right=-1, bottom_right=False, softcap=0.0, sparse_block_m=128,
-              sparse_block_n=128, deterministic=False):
-    _check_devices(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, block_mask=block_mask)
+def _fwd_fake(*args, **kwargs):
+    a = _bind(torch.ops.flashattn_ext.fwd, args, kwargs)
+    q, k, v = a["q"], a["k"], a["v"]
+    _check_devices(q, k, v, **_tensor_options(a))
     out = _out_like_query(q, v.shape[-1])
     lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     rng_state = q.new_empty((2,), dtype=torch.int64)
@@ -43,11 +55,11 @@ def _fwd_fake(q, k, v, attn_mask=None, alibi_slopes=None, block_mask=None, block
 
 
 @torch.library.register_fake("flashattn_ext::bwd")
-def _bwd_fake(grad_out, q, k, v, out, lse, rng_state, attn_mask=None, alibi_slopes=None, block_mask=None,
-              block_elem_masks=None, dropout_p=0.0, scale=None, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
-              sparse_block_m=128, sparse_block_n=128, deterministic=False, mask_grad=False):
-    _check_devices(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, block_mask=block_mask)
-    dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty((0,))
+def _bwd_fake(*args, **kwargs):
+    a = _bind(torch.ops.flashattn_ext.bwd, args, kwargs)
+    q, k, v, attn_mask = a["q"], a["k"], a["v"], a["attn_mask"]
+    _check_devices(q, k, v, **_tensor_options(a))
+    dmask = attn_mask.new_empty(attn_mask.shape) if a["mask_grad"] else q.new_empty((0,))
     return _grad_like(q), _grad_like(k), _grad_like(v), dmask
 
 

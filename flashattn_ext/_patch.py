@@ -1,6 +1,7 @@
 """patch_sdpa(): route torch.nn.functional.scaled_dot_product_attention through flashattn_ext, so
 nn.MultiheadAttention, nn.TransformerEncoderLayer and third-party models use it unchanged."""
 
+import functools
 import threading
 import warnings
 
@@ -10,7 +11,6 @@ import torch.nn.functional as F
 from ._api import scaled_dot_product_attention as _ours
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_CUDA_MAX_HEADDIM = 512  # csrc/ops.cpp kCudaMaxHeadDim
 
 
 def _tracing_tensor_types():
@@ -22,9 +22,14 @@ _lock = threading.Lock()
 _warned = set()
 
 
-def _cuda_built():
+@functools.lru_cache(maxsize=None)
+def _build_info():
     from . import _C
-    return bool(_C.build_info()["cuda"])
+    return _C.build_info()
+
+
+def _cuda_built():
+    return bool(_build_info()["cuda"])
 
 
 def unsupported_reason(query, key, value, attn_mask=None):
@@ -44,8 +49,8 @@ def unsupported_reason(query, key, value, attn_mask=None):
     if isinstance(query, torch.Tensor) and query.dtype not in _DTYPES:
         return f"dtype {query.dtype}"
     if device is not None and device.type == "cuda" and isinstance(value, torch.Tensor) and \
-            max(query.shape[-1], value.shape[-1]) > _CUDA_MAX_HEADDIM:
-        return f"head dim above {_CUDA_MAX_HEADDIM} on CUDA"
+            max(query.shape[-1], value.shape[-1]) > _build_info()["cuda_max_headdim"]:
+        return f"head dim above {_build_info()['cuda_max_headdim']} on CUDA"
     if not torch.compiler.is_compiling() and isinstance(query, torch.Tensor) and \
             torch._C._functorch.is_batchedtensor(query):
         return "vmap (functorch batched tensors)"

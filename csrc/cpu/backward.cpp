@@ -80,12 +80,6 @@ void transpose_to_operand(const typename Policy::acc_t* src, int64_t rows, int64
   }
 }
 
-// Where the dmask gradient of (b, h, i, 0) lives; zero strides sum broadcast elements.
-inline int64_t dmask_row_offset(const AttentionGradParams& p, int64_t b, int64_t h, int64_t i) {
-  return (b / p.dmask_batch_inner) * p.dmask_batch_outer_stride + (b % p.dmask_batch_inner) * p.dmask_batch_stride +
-         h * p.dmask_head_stride + i * p.dmask_row_stride;
-}
-
 // With a dmask, two tasks must never add into the same element: a dimension the mask broadcasts
 // over is walked inside one task instead of across tasks.
 struct TaskSpans {
@@ -95,12 +89,12 @@ struct TaskSpans {
 inline TaskSpans task_spans(const AttentionGradParams& p, const Tiling& t) {
   TaskSpans spans;
   if (!p.dmask) return spans;
-  const int64_t outer = p.batch / p.dmask_batch_inner;
-  const bool batch_shared = (p.dmask_batch_inner > 1 && p.dmask_batch_stride == 0) ||
-                            (outer > 1 && p.dmask_batch_outer_stride == 0);
+  const int64_t outer = p.batch / p.dmask_view.batch_inner;
+  const bool batch_shared = (p.dmask_view.batch_inner > 1 && p.dmask_view.batch_stride == 0) ||
+                            (outer > 1 && p.dmask_view.batch_outer_stride == 0);
   if (batch_shared) spans.batch = p.batch;
-  if (p.dmask_head_stride == 0 && p.num_heads > 1) spans.kv_heads = p.num_heads_k;
-  if (p.dmask_col_stride == 0 && p.seqlen_k > 1) spans.chunks = t.num_chunks;
+  if (p.dmask_view.head_stride == 0 && p.num_heads > 1) spans.kv_heads = p.num_heads_k;
+  if (p.dmask_view.col_stride == 0 && p.seqlen_k > 1) spans.chunks = t.num_chunks;
   return spans;
 }
 
@@ -172,7 +166,7 @@ void backward_impl(const AttentionGradParams& p) {
   const int64_t group = p.num_heads / p.num_heads_k;
   const int64_t blocks_per_chunk = ceil_div(tiling.num_n_blocks, tiling.num_chunks);
   const uint32_t keep_threshold = dropout_keep_threshold(p.dropout_p);
-  const acc_t keep_scale = p.dropout_p < 1.0 ? acc_t(1.0 / (1.0 - p.dropout_p)) : acc_t(0);
+  const acc_t keep_scale = dropout_keep_scale<acc_t>(p.dropout_p);
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
   const DqMode dq_mode = tiling.num_chunks > 1 ? DqMode::kPartials
                          : (std::is_same_v<acc_t, scalar_t> ? DqMode::kDirect : DqMode::kTaskLocal);
@@ -259,8 +253,8 @@ void backward_impl(const AttentionGradParams& p) {
               } else {
                 at::vec::map2([&](Vec pv, Vec dpv) { return pv * (dpv - v_delta); }, dp_row, s_row, dp_row, cols);
                 if (p.dmask) {
-                  float* gm = p.dmask + dmask_row_offset(p, b, h, i) + col0 * p.dmask_col_stride;
-                  for (int64_t j = 0; j < cols; ++j) gm[j * p.dmask_col_stride] += static_cast<float>(dp_row[j]);
+                  float* gm = p.dmask + p.dmask_view.offset(b, h, i, col0);
+                  for (int64_t j = 0; j < cols; ++j) gm[j * p.dmask_view.col_stride] += static_cast<float>(dp_row[j]);
                 }
                 if (cap_row)
                   at::vec::map2([&](Vec x, Vec g) { return x * g * Vec(scale); }, dp_row, dp_row, cap_row, cols);

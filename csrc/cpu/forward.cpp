@@ -79,7 +79,7 @@ void forward_impl(const AttentionParams& p) {
   const int64_t num_tasks = heads * tiling.num_m_blocks;
   const int64_t group = p.num_heads / p.num_heads_k;
   const uint32_t keep_threshold = dropout_keep_threshold(p.dropout_p);
-  const acc_t keep_scale = p.dropout_p < 1.0 ? acc_t(1.0 / (1.0 - p.dropout_p)) : acc_t(0);
+  const acc_t keep_scale = dropout_keep_scale<acc_t>(p.dropout_p);
 
   run_workers(num_tasks, [&](auto next) {
     ForwardWorkspace<Policy> ws(p, tiling);

@@ -200,8 +200,8 @@ inline void make_score_row(const AttentionParams& p, const HeadContext& hc, int6
     }
   }
   if (tm.attn_mask) {
-    const int64_t off = mask_row_offset(p, hc.b, hc.h, i) + t.col0 * p.mask_col_stride;
-    const int64_t cs = p.mask_col_stride;
+    const int64_t off = p.mask_view.row_offset(hc.b, hc.h, i) + t.col0 * p.mask_view.col_stride;
+    const int64_t cs = p.mask_view.col_stride;
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     switch (p.mask_kind) {
       case MaskKind::kBool: {

@@ -37,7 +37,7 @@ struct ScoreMods {
   __device__ __forceinline__ ScoreMods(const AttentionParams& p, int64_t b_, int64_t h_) : b(b_), h(h_) {
     bh = b * p.num_heads + h;
     alibi_slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
-    mask_base = p.mask_kind != MaskKind::kNone ? mask_row_offset(p, b, h, 0) : 0;
+    mask_base = p.mask_kind != MaskKind::kNone ? p.mask_view.row_offset(b, h, 0) : 0;
     block_mask_base = b * p.block_mask_batch_stride + h * p.block_mask_head_stride;
     const bool float_mask = p.mask_kind != MaskKind::kNone && p.mask_kind != MaskKind::kBool;
     // A non-positive scale also takes the per-element path: folding it into exp2 would turn
@@ -55,7 +55,7 @@ struct ScoreMods {
 
   template <typename F>
   __device__ __forceinline__ F mask_value(const AttentionParams& p, int64_t i, int64_t j) const {
-    const int64_t off = mask_base + i * p.mask_row_stride + j * p.mask_col_stride;
+    const int64_t off = mask_base + i * p.mask_view.row_stride + j * p.mask_view.col_stride;
     switch (p.mask_kind) {
       case MaskKind::kFloat32: return static_cast<F>(static_cast<const float*>(p.mask)[off]);
       case MaskKind::kFloat64: return static_cast<F>(static_cast<const double*>(p.mask)[off]);
@@ -106,7 +106,7 @@ struct ScoreMods {
   __device__ __forceinline__ bool visible(const AttentionParams& p, int64_t i, int64_t j) const {
     if (!in_band(p, i, j)) return false;
     if (p.mask_kind == MaskKind::kBool &&
-        static_cast<const uint8_t*>(p.mask)[mask_base + i * p.mask_row_stride + j * p.mask_col_stride] == 0)
+        static_cast<const uint8_t*>(p.mask)[mask_base + i * p.mask_view.row_stride + j * p.mask_view.col_stride] == 0)
       return false;
     if (p.block_mask != nullptr && !block_kept(p, i, j)) return false;
     return true;
@@ -116,7 +116,7 @@ struct ScoreMods {
   __device__ __forceinline__ bool mask_allows(const AttentionParams& p, int64_t i, int64_t j) const {
     if (p.mask_kind == MaskKind::kNone) return true;
     if (p.mask_kind == MaskKind::kBool)
-      return static_cast<const uint8_t*>(p.mask)[mask_base + i * p.mask_row_stride + j * p.mask_col_stride] != 0;
+      return static_cast<const uint8_t*>(p.mask)[mask_base + i * p.mask_view.row_stride + j * p.mask_view.col_stride] != 0;
     return mask_value<float>(p, i, j) != -INFINITY;
   }
 
@@ -152,9 +152,7 @@ struct ScoreMods {
 // onto zero, so the result is bitwise deterministic even though it is an atomic.
 __device__ __forceinline__ void add_dmask(const AttentionGradParams& p, int64_t b, int64_t h, int64_t i, int64_t j,
                                           float value) {
-  float* dst = p.dmask + (b / p.dmask_batch_inner) * p.dmask_batch_outer_stride +
-               (b % p.dmask_batch_inner) * p.dmask_batch_stride + h * p.dmask_head_stride + i * p.dmask_row_stride +
-               j * p.dmask_col_stride;
+  float* dst = p.dmask + p.dmask_view.offset(b, h, i, j);
   atomicAdd(dst, value);
 }
 

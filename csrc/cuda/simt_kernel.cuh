@@ -20,7 +20,7 @@
 
 namespace flashattn::cuda {
 
-constexpr int kSimtMaxHeadDim = 512;
+constexpr int kSimtMaxHeadDim = static_cast<int>(kCudaMaxHeadDim);
 constexpr int kSimtChunks = kSimtMaxHeadDim / 32;  // head-dim columns per lane
 constexpr int kSimtWarps = 4;
 

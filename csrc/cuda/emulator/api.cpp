@@ -69,6 +69,11 @@ size_t span_folded(int64_t batch, int64_t heads, int64_t rows, int64_t cols, int
   return static_cast<size_t>(last + 1) * elem;
 }
 
+size_t span_view(int64_t batch, int64_t heads, int64_t rows, int64_t cols, const flashattn::BroadcastView& v, size_t elem) {
+  return span_folded(batch, heads, rows, cols, v.batch_inner, v.batch_outer_stride, v.batch_stride, v.head_stride,
+                     v.row_stride, v.col_stride, elem);
+}
+
 void guard_forward_inputs(AttentionParams& p, emu::GuardedBuffers& g) {
   const size_t e = element_bytes(p.dtype);
   p.q = g.guard("q", p.q, span4(p.batch, p.num_heads, p.seqlen_q, p.headdim, p.q_batch_stride, p.q_head_stride,
@@ -79,9 +84,7 @@ void guard_forward_inputs(AttentionParams& p, emu::GuardedBuffers& g) {
                                  p.v_head_stride, p.v_row_stride, e), false);
   if (p.mask != nullptr)
     p.mask = g.guard("attn_mask", p.mask,
-                     span_folded(p.batch, p.num_heads, p.seqlen_q, p.seqlen_k, p.mask_batch_inner,
-                                 p.mask_batch_outer_stride, p.mask_batch_stride, p.mask_head_stride, p.mask_row_stride,
-                                 p.mask_col_stride, mask_element_bytes(p.mask_kind)),
+                     span_view(p.batch, p.num_heads, p.seqlen_q, p.seqlen_k, p.mask_view, mask_element_bytes(p.mask_kind)),
                      false);
   if (p.alibi_slopes != nullptr)
     p.alibi_slopes = g.guard("alibi_slopes", p.alibi_slopes,
@@ -186,9 +189,7 @@ int run_bwd(const AttentionGradParams* params, void* workspace, size_t workspace
   p.delta = g.guard("delta", p.delta, rows_bytes(p), true);
   if (p.dmask != nullptr)
     p.dmask = g.guard("dmask", p.dmask,
-                      span_folded(p.batch, p.num_heads, p.seqlen_q, p.seqlen_k, p.dmask_batch_inner,
-                                  p.dmask_batch_outer_stride, p.dmask_batch_stride, p.dmask_head_stride,
-                                  p.dmask_row_stride, p.dmask_col_stride, 4),
+                      span_view(p.batch, p.num_heads, p.seqlen_q, p.seqlen_k, p.dmask_view, 4),
                       true);
   void* ws = g.guard("workspace", workspace, workspace_bytes, true);
   return run(g, report, [&] { return flashattn::cuda::run_bwd(p, ws, nullptr, o->sm_major, o->sm_minor); });

@@ -10,7 +10,7 @@ counterpart is the L2 -> SM traffic (``lts__t_sectors_op_read`` x 32 bytes); DRA
 because the 50 MB L2 of an H100 absorbs most re-reads of K and V.
 
 Without a CUDA device visible to torch, or without ``ncu``, it says so and exits with status 0.
-This is the only module of flashattn_ext.io that imports torch, and only when it runs.
+This is the only module of flashattn_ext.iolab that imports torch, and only when it runs.
 """
 
 from __future__ import annotations

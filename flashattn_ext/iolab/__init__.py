@@ -5,11 +5,11 @@ through :class:`TwoLevelMemory`, which refuses to exceed M or to compute on data
 resident, and counts every word read and written per array. Each schedule really computes
 attention (NumPy, float64) while it is counted, so its output is checked against a reference.
 
-    from flashattn_ext import io
-    r = io.simulate("flash2", seqlen=1024, headdim=64, cache_words=16384)
+    from flashattn_ext import iolab
+    r = iolab.simulate("flash2", seqlen=1024, headdim=64, cache_words=16384)
     r.io_words, r.closed_form_io_words, r.max_abs_error
 
-Command line: ``python -m flashattn_ext.io {simulate,compare,sweep,tune,measure} --help``.
+Command line: ``python -m flashattn_ext.iolab {simulate,compare,sweep,tune,measure} --help``.
 NumPy only; torch is imported by ``measure`` alone, when it runs.
 """
 

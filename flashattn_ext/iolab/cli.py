@@ -1,4 +1,4 @@
-"""Command line of the I/O lab: ``python -m flashattn_ext.io {simulate,compare,sweep,tune,measure}``."""
+"""Command line of the I/O lab: ``python -m flashattn_ext.iolab {simulate,compare,sweep,tune,measure}``."""
 
 from __future__ import annotations
 
@@ -283,7 +283,7 @@ def cmd_tune(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     names = "".join(f"\n  {n:14s} {s.summary}" for n, s in schedules.SCHEDULES.items())
     p = argparse.ArgumentParser(
-        prog="python -m flashattn_ext.io",
+        prog="python -m flashattn_ext.iolab",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="I/O complexity lab: attention schedules on a two-level memory model "
                     "(slow memory + M words of fast memory), their exact counts and the lower bounds.",

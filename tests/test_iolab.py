@@ -1,4 +1,4 @@
-"""Tests of the I/O complexity lab (flashattn_ext.io): NumPy only, no GPU."""
+"""Tests of the I/O complexity lab (flashattn_ext.iolab): NumPy only, no GPU."""
 
 import json
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from flashattn_ext.io import (
+from flashattn_ext.iolab import (
     BACKWARD,
     FORWARD,
     SCHEDULES,
@@ -21,8 +21,8 @@ from flashattn_ext.io import (
     predict,
     simulate,
 )
-from flashattn_ext.io import cli, measure
-from flashattn_ext.io.plans import fit_flash1, search_tiles
+from flashattn_ext.iolab import cli, measure
+from flashattn_ext.iolab.plans import fit_flash1, search_tiles
 
 ALL = list(SCHEDULES)
 CAUSAL = [n for n, s in SCHEDULES.items() if s.causal]
@@ -111,7 +111,7 @@ def test_a_schedule_that_does_not_fit_is_refused():
     plan = plan_for("flash2", 32, 8, 4096)
     plan.cache_words = 200  # the tiles were chosen for 4096 words
     mem = TwoLevelMemory(200)
-    from flashattn_ext.io.reference import make_problem
+    from flashattn_ext.iolab.reference import make_problem
     with pytest.raises(CapacityError):
         SCHEDULES["flash2"].run(mem, make_problem(32, 8), plan)
 
@@ -370,7 +370,7 @@ def test_help_lists_algorithms():
 
 def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-c", "import sys, runpy; sys.argv = ['x', 'simulate', '-a', 'flash1', "
-                           "'-N', '32', '-d', '8', '-M', '400', '--json']; runpy.run_module('flashattn_ext.io', "
+                           "'-N', '32', '-d', '8', '-M', '400', '--json']; runpy.run_module('flashattn_ext.iolab', "
                            "run_name='__main__')"], capture_output=True, text=True, env=None)
     if proc.returncode != 0 and "flashattn_ext" in proc.stderr and "_C" in proc.stderr:
         pytest.skip("flashattn_ext itself does not import here (compiled module not built)")
@@ -426,7 +426,7 @@ def test_measure_without_gpu_exits_cleanly(capsys):
 
 
 def test_single_threaded_blas_restores_the_thread_count():
-    from flashattn_ext.io._blas import _openblas, single_threaded_blas
+    from flashattn_ext.iolab._blas import _openblas, single_threaded_blas
 
     before = [get() for get, _ in _openblas()]
     with single_threaded_blas():

@@ -1,0 +1,63 @@
+// The op layer's side of the CUDA kernels, shared by a GPU (ops_cuda.cpp) and the host emulator
+// (ops_emulated.cpp): what the kernels need beyond what ops.cpp prepares for every backend — a
+// float32 lse for float64 callers, the backward's delta workspace — and the choice between the two.
+
+#include "ops.h"
+
+namespace flashattn {
+
+namespace {
+
+void forward_on_device(AttentionParams& p, const at::Tensor& q, at::Tensor& rng_state) {
+  if (q.is_cpu()) return emulated_forward(p, rng_state);
+#ifdef FLASHATTN_WITH_CUDA
+  cuda_forward(p, q, rng_state);
+#else
+  TORCH_CHECK(false, "flashattn_ext was built without CUDA support; rebuild with a CUDA torch and nvcc");
+#endif
+}
+
+void backward_on_device(AttentionGradParams& p, const at::Tensor& q, const at::Tensor& rng_state) {
+  if (q.is_cpu()) return emulated_backward(p, rng_state);
+#ifdef FLASHATTN_WITH_CUDA
+  cuda_backward(p, q, rng_state);
+#else
+  TORCH_CHECK(false, "flashattn_ext was built without CUDA support; rebuild with a CUDA torch and nvcc");
+#endif
+}
+
+}  // namespace
+
+void cuda_kernels_forward(AttentionParams& p, const at::Tensor& q, const at::Tensor& lse, at::Tensor& rng_state) {
+  if (p.lse64 == nullptr) return forward_on_device(p, q, rng_state);
+  // The kernels write a float lse; float64 callers get it widened.
+  at::Tensor lse32 = at::empty(lse.sizes(), lse.options().dtype(at::kFloat));
+  p.lse64 = nullptr;
+  p.lse = lse32.data_ptr<float>();
+  forward_on_device(p, q, rng_state);
+  lse.copy_(lse32);
+}
+
+void cuda_kernels_backward(AttentionGradParams& p, const at::Tensor& q, const at::Tensor& lse,
+                           const at::Tensor& rng_state) {
+  at::Tensor delta = at::empty({p.batch * p.num_heads * p.seqlen_q}, q.options().dtype(at::kFloat));
+  p.delta = delta.data_ptr<float>();
+  at::Tensor lse32;
+  if (p.lse64 != nullptr) {  // the kernels read a float lse
+    lse32 = lse.to(at::kFloat);
+    p.lse64 = nullptr;
+    p.lse = lse32.data_ptr<float>();
+  }
+  backward_on_device(p, q, rng_state);
+}
+
+at::Tensor cuda_kernels_dropout_mask(AttentionParams& p, const at::Tensor& q, const at::Tensor& rng_state) {
+  if (q.is_cpu()) return emulated_dropout_mask(p, rng_state);
+#ifdef FLASHATTN_WITH_CUDA
+  return cuda_dropout_mask(p, rng_state);
+#else
+  TORCH_CHECK(false, "flashattn_ext was built without CUDA support");
+#endif
+}
+
+}  // namespace flashattn
