@@ -41,7 +41,6 @@
 #define FLASHATTN_T_TYPE_(name, schema) , const std::optional<at::Tensor>&
 #define FLASHATTN_V_TYPE_(type, name, init, schema) , type
 #define FLASHATTN_T_ARG_(name, schema) , name
-#define FLASHATTN_V_ARG_(type, name, init, schema) , name
 #define FLASHATTN_T_FIELD_(name, schema) , options.name
 #define FLASHATTN_T_ASSIGN_(name, schema) options_.name = name;
 #define FLASHATTN_V_ASSIGN_(type, name, init, schema) options_.name = name;
@@ -53,8 +52,6 @@
 #define FLASHATTN_OPTIONS_PARAMS FLASHATTN_OPTIONS(FLASHATTN_T_PARAM_, FLASHATTN_V_PARAM_)
 // The same types without names: for the dispatcher's typed<> signatures.
 #define FLASHATTN_OPTIONS_TYPES FLASHATTN_OPTIONS(FLASHATTN_T_TYPE_, FLASHATTN_V_TYPE_)
-// ", attn_mask, ..., deterministic": forwards a kernel's parameters.
-#define FLASHATTN_OPTIONS_ARGS FLASHATTN_OPTIONS(FLASHATTN_T_ARG_, FLASHATTN_V_ARG_)
 // ", options.attn_mask, ...": an AttentionOptions named `options` spread into a call.
 #define FLASHATTN_OPTIONS_FIELDS FLASHATTN_OPTIONS(FLASHATTN_T_FIELD_, FLASHATTN_V_FIELD_)
 // Inside a kernel with FLASHATTN_OPTIONS_PARAMS: an AttentionOptions made of them.
@@ -99,7 +96,6 @@ struct AttentionOptions : AttentionValues {
   }
 
 #define FLASHATTN_COUNT_(...) +1
-  static constexpr size_t kCount = 0 FLASHATTN_OPTIONS(FLASHATTN_COUNT_, FLASHATTN_COUNT_);
   static constexpr size_t kTensorCount = 0 FLASHATTN_OPTIONS(FLASHATTN_COUNT_, FLASHATTN_IGNORE_);
 #undef FLASHATTN_COUNT_
 };
