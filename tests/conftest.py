@@ -28,10 +28,15 @@ def scaled_err(x, ref):
     return ((x.double() - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item() if ref.numel() else 0.0
 
 
-def assert_close(x, ref, dtype, what=""):
+def assert_close(x, ref, dtype, what="", baseline=None):
+    """|x - ref| within TOL[dtype]; with a baseline (torch's own result in the same dtype) within
+    max(TOL, 2 x the baseline's error), the flash-attn rule. The backward's delta = rowsum(dO * O)
+    from the output rounded to fp16/bf16 (as FlashAttention, torch's flash kernels and ours all
+    do) makes the dq error grow with |dO| |O| |K| past a fixed bound on some inputs (head dim 1)."""
     assert not torch.isnan(x).any(), f"{what}: NaN in result (an element left unwritten?)"
     err = scaled_err(x, ref)
-    assert err <= TOL[dtype], f"{what}: error {err:.3e} > tolerance {TOL[dtype]:.1e} for {dtype}"
+    tol = TOL[dtype] if baseline is None else max(TOL[dtype], 2 * scaled_err(baseline, ref))
+    assert err <= tol, f"{what}: error {err:.3e} > tolerance {tol:.1e} for {dtype}"
 
 
 @pytest.fixture(autouse=True)
