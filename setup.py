@@ -8,8 +8,10 @@ Environment:
   FLASHATTN_CUDA_HEADDIMS=64,128  only these tensor-core head-dim buckets (development builds)
   FLASHATTN_CUDA_DTYPES=bf16      only these tensor-core dtypes (fp16, bf16)
   TORCH_CUDA_ARCH_LIST            target GPUs; default "8.0;9.0+PTX"
-  FLASHATTN_CPU_CAPABILITY        AVX512 | AVX2 | DEFAULT; default: what torch detects on the build
-                                  machine (the CPU kernels are compiled for it)
+  FLASHATTN_CPU_ISAS=AVX512       the CPU kernels are compiled once per instruction set (DEFAULT,
+                                  AVX2, AVX512 on x86-64; DEFAULT elsewhere) and chosen at run time
+                                  (csrc/cpu/isa.h); this builds only DEFAULT and the ones named
+                                  (development builds)
   FLASHATTN_BUILD_EMULATOR=1      also build flashattn_ext/libflashattn_emulator.so: the CUDA kernels
                                   compiled by g++ for the host emulator (csrc/cuda/emulator), which
                                   the cuda_emulated tests run on the CPU; needs g++ and the CUDA
@@ -60,15 +62,54 @@ def want_cuda():
     return nvcc and has_torch_cuda
 
 
-def cpu_capability_flags():
-    cap = os.environ.get("FLASHATTN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
-    cap = cap.upper()
-    if cap in ("AVX512", "AVX512_BF16", "AMX"):
-        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
-                "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
-    if cap == "AVX2":
-        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
-    return ["-DCPU_CAPABILITY=DEFAULT"]
+# The CPU kernels' instruction sets: name -> g++ flags (csrc/cpu/isa.h). DEFAULT is the baseline.
+CPU_ISAS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+}
+# csrc/cpu/*.cpp compiled once per ISA; the rest of csrc is compiled once, for the baseline.
+CPU_BASELINE_SOURCES = ("csrc/cpu/blas.cpp",)
+CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-sign-compare", "-Wno-maybe-uninitialized"]
+
+
+def cpu_isas():
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["DEFAULT"]
+    names = selected("FLASHATTN_CPU_ISAS", tuple(CPU_ISAS), str.upper)
+    return ["DEFAULT"] + [n for n in CPU_ISAS if n != "DEFAULT" and n in names]
+
+
+def cpu_isa_sources():
+    return sorted(s for s in glob.glob("csrc/cpu/*.cpp") if s not in CPU_BASELINE_SOURCES)
+
+
+def build_cpu_isa_objects(build_dir, jobs=None):
+    """Compiles cpu_isa_sources() once per ISA (incremental: ninja with depfiles) and returns the
+    objects, baseline ISA first (the link order csrc/cpu/isa.h relies on)."""
+    from torch.utils.cpp_extension import include_paths
+    import sysconfig
+    sys.path.insert(0, os.path.join(ROOT, "csrc", "cuda", "emulator"))
+    import build as emulator_build  # its ninja runner
+    sys.path.pop(0)
+    common = ["-std=c++20", "-fPIC"] + CXX_FLAGS + [f"-I{os.path.join(ROOT, 'csrc')}"]
+    common += [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    if hasattr(torch._C, "_GLIBCXX_USE_CXX11_ABI"):
+        common.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+    lines = [f"cxx = {os.environ.get('CXX', 'c++')}", f"common = {' '.join(common)}"]
+    objects = []
+    for isa in cpu_isas():
+        lines += [f"rule cxx_{isa}",
+                  f"  command = $cxx $common -DCPU_CAPABILITY={isa} -DCPU_CAPABILITY_{isa} "
+                  f"{' '.join(CPU_ISAS[isa])} -MMD -MF $out.d -c $in -o $out",
+                  "  depfile = $out.d", "  deps = gcc", f"  description = {isa} $in"]
+        for src in cpu_isa_sources():
+            obj = os.path.join(build_dir, isa, os.path.basename(src) + ".o")
+            objects.append(obj)
+            lines.append(f"build {obj}: cxx_{isa} {os.path.join(ROOT, src)}")
+    emulator_build.run_ninja(build_dir, "\n".join(lines) + "\n", jobs=jobs)
+    return objects
 
 
 def selected(env, allowed, cast):
@@ -133,6 +174,13 @@ def build_emulator(ext_dir):
 
 
 class BuildExt(BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)):
+    def build_extensions(self):
+        jobs = os.environ.get("MAX_JOBS")
+        objects = build_cpu_isa_objects(os.path.join(ROOT, "build", "cpu_isa"), int(jobs) if jobs else None)
+        for ext in self.extensions:
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extensions()
+
     def run(self):
         super().run()
         build_emulator(os.path.dirname(self.get_ext_fullpath("flashattn_ext._C")))
@@ -140,8 +188,8 @@ class BuildExt(BuildExtension.with_options(use_ninja=shutil.which("ninja") is no
 
 def make_extension():
     os.chdir(ROOT)
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-sign-compare", "-Wno-maybe-uninitialized"] + cpu_capability_flags()
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = CXX_FLAGS + [f"-DFLASHATTN_CPU_BUILT_{isa}" for isa in cpu_isas() if isa != "DEFAULT"]
+    sources = sorted(glob.glob("csrc/*.cpp")) + list(CPU_BASELINE_SOURCES)
     sources = [s for s in sources if not s.endswith("ops_cuda.cpp")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda():

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "cpu/blas.h"
+#include "cpu/kernels.h"
 #include "ops.h"
 
 namespace {
@@ -14,13 +15,8 @@ pybind11::dict build_info() {
   pybind11::list devices;
   devices.append("cpu");
   info["torch_version"] = TORCH_VERSION;
-#if defined(CPU_CAPABILITY_AVX512)
-  info["cpu_capability"] = "AVX512";
-#elif defined(CPU_CAPABILITY_AVX2)
-  info["cpu_capability"] = "AVX2";
-#else
-  info["cpu_capability"] = "DEFAULT";
-#endif
+  info["cpu_capability"] = std::string(flashattn::cpu::isa());  // the copy of the CPU kernels in use
+  info["cpu_isas_built"] = flashattn::cpu::isas_built();
   info["cpu_dtypes"] = std::vector<std::string>{"float32", "float64", "float16", "bfloat16"};
   info["cpu_gemm"] = std::string(flashattn::cpu::have_brgemm_f32() ? "onednn-brgemm" : "aten-mm") +
                      (flashattn::cpu::have_brgemm_bf16_vnni() ? "+bf16-vnni" : "");

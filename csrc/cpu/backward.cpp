@@ -23,7 +23,7 @@
 #include "cpu/scores.h"
 #include "cpu/tiling.h"
 
-namespace flashattn::cpu {
+namespace flashattn::cpu::CPU_CAPABILITY {
 namespace {
 
 template <typename Policy>
@@ -374,4 +374,4 @@ void dropout_mask(const AttentionParams& p, uint8_t* keep) {
   });
 }
 
-}  // namespace flashattn::cpu
+}  // namespace flashattn::cpu::CPU_CAPABILITY

@@ -20,7 +20,7 @@
 #include "cpu/scores.h"
 #include "cpu/tiling.h"
 
-namespace flashattn::cpu {
+namespace flashattn::cpu::CPU_CAPABILITY {
 namespace {
 
 template <typename Policy>
@@ -161,4 +161,4 @@ void forward(const AttentionParams& p) {
   });
 }
 
-}  // namespace flashattn::cpu
+}  // namespace flashattn::cpu::CPU_CAPABILITY

@@ -12,6 +12,8 @@
 //   fp64   operands in place; B = Xᵀ transposed; GEMM through torch's BLAS.
 #pragma once
 
+#include "cpu/isa.h"
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -23,7 +25,7 @@
 
 #include "cpu/blas.h"
 
-namespace flashattn::cpu {
+namespace flashattn::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -252,4 +254,4 @@ void with_policy(Fn&& fn) {
   }
 }
 
-}  // namespace flashattn::cpu
+}  // namespace flashattn::cpu::CPU_CAPABILITY

@@ -5,13 +5,15 @@
 // sets up its scratch once and then calls next() until it returns -1.
 #pragma once
 
+#include "cpu/isa.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 
-namespace flashattn::cpu {
+namespace flashattn::cpu::CPU_CAPABILITY {
 
 template <typename Worker>
 void run_workers(int64_t num_tasks, Worker&& worker) {
@@ -27,4 +29,4 @@ void run_workers(int64_t num_tasks, Worker&& worker) {
   });
 }
 
-}  // namespace flashattn::cpu
+}  // namespace flashattn::cpu::CPU_CAPABILITY

@@ -6,6 +6,8 @@
 // give −inf. Natural-log units.
 #pragma once
 
+#include "cpu/isa.h"
+
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -17,7 +19,7 @@
 #include "attention_params.h"
 #include "philox.h"
 
-namespace flashattn::cpu {
+namespace flashattn::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -245,4 +247,4 @@ inline void apply_dropout_row(const AttentionParams& p, const HeadContext& hc, i
   }
 }
 
-}  // namespace flashattn::cpu
+}  // namespace flashattn::cpu::CPU_CAPABILITY

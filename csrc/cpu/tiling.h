@@ -1,6 +1,8 @@
 // Tile sizes and tile ranges of the CPU kernels.
 #pragma once
 
+#include "cpu/isa.h"
+
 #include <c10/core/ScalarType.h>
 
 #include <algorithm>
@@ -13,7 +15,7 @@
 #include "cpu/matmul_policy.h"
 #include "cpu/scores.h"
 
-namespace flashattn::cpu {
+namespace flashattn::cpu::CPU_CAPABILITY {
 
 struct Tiling {
   int64_t block_m = 0, block_n = 0;
@@ -156,4 +158,4 @@ inline void store_row(const acc_t* src, int64_t n, scalar_t* dst) {
     narrow_row(src, n, dst);
 }
 
-}  // namespace flashattn::cpu
+}  // namespace flashattn::cpu::CPU_CAPABILITY

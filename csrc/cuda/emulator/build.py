@@ -62,6 +62,21 @@ def _ninja():
     return os.path.join(ninja.BIN_DIR, "ninja")
 
 
+def run_ninja(build_dir, text, jobs=None, verbose=False):
+    """Writes build_dir/build.ninja (only when its text changed) and runs ninja there."""
+    os.makedirs(build_dir, exist_ok=True)
+    ninja_file = os.path.join(build_dir, "build.ninja")
+    if not os.path.exists(ninja_file) or open(ninja_file).read() != text:
+        with open(ninja_file, "w") as f:
+            f.write(text)
+    cmd = [_ninja(), "-C", build_dir]
+    if jobs:
+        cmd += ["-j", str(jobs)]
+    if verbose:
+        cmd.append("-v")
+    subprocess.run(cmd, check=True)
+
+
 def kernel_sources(csrc=CSRC):
     """Every .cu of the GPU build (csrc/cuda and csrc/cuda/instantiations; build() adds the
     emulator's own self-test kernels)."""
@@ -115,15 +130,5 @@ def build(build_dir, kernel_files, defines=(), jobs=None, csrc=CSRC, verbose=Fal
     out = os.path.join(build_dir, LIBRARY)
     lines.append(f"build {out}: link {' '.join(objects)} | {os.path.join(emulator, 'exports.map')}")
     lines.append(f"default {out}")
-    ninja_file = os.path.join(build_dir, "build.ninja")
-    text = "\n".join(lines) + "\n"
-    if not os.path.exists(ninja_file) or open(ninja_file).read() != text:
-        with open(ninja_file, "w") as f:
-            f.write(text)
-    cmd = [_ninja(), "-C", build_dir]
-    if jobs:
-        cmd += ["-j", str(jobs)]
-    if verbose:
-        cmd.append("-v")
-    subprocess.run(cmd, check=True)
+    run_ninja(build_dir, "\n".join(lines) + "\n", jobs=jobs, verbose=verbose)
     return out
