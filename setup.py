@@ -93,7 +93,8 @@ def build_cpu_isa_objects(build_dir, jobs=None):
     sys.path.insert(0, os.path.join(ROOT, "csrc", "cuda", "emulator"))
     import build as emulator_build  # its ninja runner
     sys.path.pop(0)
-    common = ["-std=c++20", "-fPIC"] + CXX_FLAGS + [f"-I{os.path.join(ROOT, 'csrc')}"]
+    # As torch's BuildExtension compiles the baseline sources (Python's -DNDEBUG -fwrapv included).
+    common = ["-std=c++20", "-fPIC", "-DNDEBUG", "-fwrapv"] + CXX_FLAGS + [f"-I{os.path.join(ROOT, 'csrc')}"]
     common += [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     if hasattr(torch._C, "_GLIBCXX_USE_CXX11_ABI"):
         common.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
