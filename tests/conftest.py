@@ -55,9 +55,23 @@ def rand(*shape, dtype=torch.float32, requires_grad=False, device="cpu"):
 def pytest_generate_tests(metafunc):
     """The CUDA test modules run every test on each CUDA device: the GPU, and the host emulator
     under each schedule (cuda_testing.device_params)."""
+    if "device" in metafunc.fixturenames:  # device-agnostic tests: the CPU, and each CUDA device
+        metafunc.parametrize("device", [pytest.param(("cpu", None), id="cpu")] + cuda_testing.device_params(("lockstep",)),
+                             indirect=True)
     if "cuda_device" in metafunc.fixturenames:
         schedules = getattr(metafunc.module, "EMULATED_SCHEDULES", cuda_testing.EMULATED_SCHEDULES)
         metafunc.parametrize("cuda_device", cuda_testing.device_params(schedules), indirect=True)
+
+
+@pytest.fixture
+def device(request):
+    """The device a device-agnostic test makes its tensors on: "cpu" (the CPU kernels), "cuda"
+    (a GPU) or "cpu" under the CUDA emulator (the CUDA kernels run on CPU tensors)."""
+    if request.param[0] == "cpu":
+        yield "cpu"
+        return
+    with cuda_testing.activate(request.param):
+        yield cuda_testing.DEV
 
 
 @pytest.fixture

@@ -103,8 +103,6 @@ struct NativePolicy {
   static void b_transposed(const T* x, int64_t ld, int64_t n, int64_t k, op_t* buf) {
     transpose_plain(x, ld, buf, n, n, k);
   }
-  // B operand from an acc_t buffer of k × n (contiguous, ld = n).
-  static const op_t* b_from_acc(const acc_t* x, int64_t, int64_t, op_t*) { return x; }
   // A operand from an acc_t row (P, dS): stored as op_t.
   static void a_from_acc(const acc_t* x, int64_t n, op_t* dst) { std::memcpy(dst, x, n * sizeof(T)); }
   static int64_t b_ld(int64_t n) { return n; }
@@ -150,7 +148,6 @@ struct WidenPolicy {
       }
     }
   }
-  static const op_t* b_from_acc(const float* x, int64_t, int64_t, op_t*) { return x; }
   static void a_from_acc(const float* x, int64_t n, op_t* dst) { std::memcpy(dst, x, n * sizeof(float)); }
   static int64_t b_ld(int64_t n) { return n; }
   static int64_t b_elems(int64_t k, int64_t n) { return k * n; }
@@ -200,19 +197,6 @@ struct Bf16VnniPolicy {
         buf[(kp_full * n + c) * 2 + 1] = op_t(0.f);
       }
     }
-  }
-  // B from an fp32 k × n buffer we computed (dS for dQ): round and pair rows.
-  static const op_t* b_from_acc(const float* x, int64_t k, int64_t n, op_t* buf) {
-    for (int64_t kp = 0; kp < (k + 1) / 2; ++kp) {
-      const float* r0 = x + 2 * kp * n;
-      const float* r1 = 2 * kp + 1 < k ? r0 + n : nullptr;
-      op_t* d = buf + kp * n * 2;
-      for (int64_t c = 0; c < n; ++c) {
-        d[2 * c] = op_t(r0[c]);
-        d[2 * c + 1] = r1 ? op_t(r1[c]) : op_t(0.f);
-      }
-    }
-    return buf;
   }
   static void a_from_acc(const float* x, int64_t n, op_t* dst) { narrow_row(x, n, dst); }
   static int64_t b_ld(int64_t n) { return n; }
