@@ -84,3 +84,12 @@ def _varlen_bwd_fake(*args, **kwargs):
     q, k, v = a["q"], a["k"], a["v"]
     _check_devices(q, k, v, **_tensor_options(a))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.register_fake("flashattn_ext::fwd_kvcache")
+def _fwd_kvcache_fake(q, k_cache, v_cache, *args, **kwargs):
+    _check_devices(q, k_cache, v_cache)
+    out = q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]),
+                      dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse
