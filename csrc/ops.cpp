@@ -390,6 +390,11 @@ void poison(std::initializer_list<at::Tensor> ts) {
 
 }  // namespace
 
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& o) {
+  check_inputs(q, k, v, o);
+}
+DType kernel_dtype(at::ScalarType t) { return dtype_of(t); }
+
 void set_poison_outputs(bool on) { g_poison.store(on); }
 bool poison_outputs() { return g_poison.load(); }
 

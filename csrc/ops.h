@@ -38,6 +38,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bwd_op(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng_state, const AttentionOptions& options, bool mask_grad);
 
+// The op layer's checks of (..., heads, seq, dim) query/key/value and the options, and the kernels'
+// dtype tag: for other ops' layers (ops_varlen.cpp, ops_kvcache.cpp).
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& o);
+DType kernel_dtype(at::ScalarType t);
+
 // Debug switch for tests: fill every output buffer with NaN before the kernels run.
 void set_poison_outputs(bool on);
 bool poison_outputs();

@@ -33,6 +33,12 @@ _LAZY = {
     "patch_sdpa": "._patch",
     "block_sparse_attention": ".sparse",
     "BlockSparseMask": ".sparse",
+    "flash_attn_varlen_func": "._varlen",
+    "flash_attn_varlen_qkvpacked_func": "._varlen",
+    "flash_attn_varlen_kvpacked_func": "._varlen",
+    "flash_attn_qkvpacked_func": "._varlen",
+    "flash_attn_kvpacked_func": "._varlen",
+    "flash_attn_with_kvcache": "._kvcache",
 }
 _SUBMODULES = ("sparse", "distributed", "iolab", "testing")
 
@@ -67,3 +73,5 @@ def __dir__():
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "block_sparse_attention", "BlockSparseMask", "sparse",
            "patch_sdpa", "build_info", "__version__"]
+__all__ += ["flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
+            "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_with_kvcache"]

@@ -66,3 +66,30 @@ def _bwd_fake(*args, **kwargs):
 @torch.library.register_fake("flashattn_ext::dropout_mask")
 def _dropout_mask_fake(q, k, rng_state, dropout_p):
     return q.new_empty((*q.shape[:-1], k.shape[-2]), dtype=torch.bool)
+
+
+@torch.library.register_fake("flashattn_ext::varlen_fwd")
+def _varlen_fwd_fake(*args, **kwargs):
+    a = _bind(torch.ops.flashattn_ext.varlen_fwd, args, kwargs)
+    q, k, v = a["q"], a["k"], a["v"]
+    _check_devices(q, k, v, cu_seqlens_q=a["cu_seqlens_q"], cu_seqlens_k=a["cu_seqlens_k"], **_tensor_options(a))
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse, q.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("flashattn_ext::varlen_bwd")
+def _varlen_bwd_fake(*args, **kwargs):
+    a = _bind(torch.ops.flashattn_ext.varlen_bwd, args, kwargs)
+    q, k, v = a["q"], a["k"], a["v"]
+    _check_devices(q, k, v, **_tensor_options(a))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.register_fake("flashattn_ext::fwd_kvcache")
+def _fwd_kvcache_fake(q, k_cache, v_cache, *args, **kwargs):
+    _check_devices(q, k_cache, v_cache)
+    out = q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]),
+                      dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse

@@ -1,0 +1,216 @@
+// Attention of a few new query rows against a (paged) KV cache on the CPU: flash-decoding.
+//
+// A task is one (batch, kv head, split). GQA packing: the query rows of every query head of the
+// kv head's group (group × seqlen_q rows) form the rows of one tile, so each K/V element is read
+// from memory once per group, not once per query head. Split-KV: the keys of a (batch, kv head)
+// are cut into num_splits ranges so that one sequence's decode occupies every core; each split
+// writes its normalised partial output and lse, and a combine step merges them with the weights
+// exp(lse_split - lse). The key loop follows block_table for a paged cache (tiles never cross a
+// page). Otherwise it is the forward kernel's tile loop: S = Q Kᵀ, score rules (scores.h), online
+// softmax, O += P V.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kvcache_params.h"
+#include "cpu/matmul_policy.h"
+#include "cpu/online_softmax.h"
+#include "cpu/parallel.h"
+#include "cpu/scores.h"
+#include "cpu/tiling.h"
+
+namespace flashattn::cpu {
+namespace {
+
+constexpr int64_t kBlockN = 256;
+
+template <typename Policy>
+struct DecodeWorkspace {
+  using scalar_t = typename Policy::scalar_t;
+  using op_t = typename Policy::op_t;
+  using acc_t = typename Policy::acc_t;
+  std::vector<scalar_t> q_pack;  // the group's query rows, (group · seqlen_q) × headdim
+  std::vector<op_t> q, k_t, v, p;
+  std::vector<acc_t> s, o, row_max, row_sum;
+  std::vector<HeadContext> heads;
+
+  DecodeWorkspace(const AttentionParams& a, int64_t rows, int64_t group, int64_t block_n) {
+    q_pack.resize(rows * a.headdim);
+    if (!Policy::kInPlaceA) q.resize(rows * a.headdim);
+    k_t.resize(Policy::b_elems(a.headdim, block_n));
+    if (!Policy::kInPlaceB) v.resize(Policy::b_elems(block_n, a.headdim_v));
+    s.resize(rows * block_n);
+    if (!std::is_same_v<op_t, acc_t>) p.resize(rows * block_n);
+    o.resize(rows * a.headdim_v);
+    row_max.resize(rows);
+    row_sum.resize(rows);
+    heads.resize(group);
+  }
+};
+
+template <typename Policy>
+void decode_impl(const KvCacheParams& kp) {
+  using scalar_t = typename Policy::scalar_t;
+  using op_t = typename Policy::op_t;
+  using acc_t = typename Policy::acc_t;
+  const AttentionParams& a = kp.attn;
+  const int64_t group = a.num_heads / a.num_heads_k, seqlen_q = a.seqlen_q, rows = group * seqlen_q;
+  const int64_t kv_tasks = a.batch * a.num_heads_k, num_splits = kp.num_splits;
+  const int64_t block_n = kp.block_table ? std::min(kBlockN, kp.page_block_size) : kBlockN;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+  run_workers(kv_tasks * num_splits, [&](auto next) {
+    DecodeWorkspace<Policy> ws(a, rows, group, block_n);
+    for (int64_t task; (task = next()) >= 0;) {
+      const int64_t split = task / kv_tasks, b = (task % kv_tasks) / a.num_heads_k, hk = task % a.num_heads_k;
+      AttentionParams ps = a;
+      ps.seqlen_k = kp.seqlens_k[b];
+      for (int64_t g = 0; g < group; ++g) ws.heads[g] = head_context(ps, b, hk * group + g);
+
+      // Q rows of the group, row r = g · seqlen_q + i.
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t i = 0; i < seqlen_q; ++i) {
+          const scalar_t* src = static_cast<const scalar_t*>(a.q) + b * a.q_batch_stride +
+                                (hk * group + g) * a.q_head_stride + i * a.q_row_stride;
+          std::copy(src, src + a.headdim, ws.q_pack.data() + (g * seqlen_q + i) * a.headdim);
+        }
+      int64_t lda_q;
+      const op_t* a_q = Policy::a_rows(ws.q_pack.data(), a.headdim, rows, a.headdim, ws.q.data(), &lda_q);
+
+      // Where key j of batch b lives.
+      const int64_t cache_b = kp.cache_batch_idx ? kp.cache_batch_idx[b] : b;
+      const int64_t first = kp.leftpad ? kp.leftpad[b] : 0;
+      auto row_offset = [&](int64_t j, int64_t batch_stride, int64_t head_stride, int64_t row_stride) -> int64_t {
+        if (kp.block_table) {
+          const int64_t page = kp.block_table[b * kp.block_table_batch_stride + j / kp.page_block_size];
+          return page * batch_stride + hk * head_stride + (j % kp.page_block_size) * row_stride;
+        }
+        return cache_b * batch_stride + hk * head_stride + (first + j) * row_stride;
+      };
+
+      // This split's keys: the band's visible range cut into num_splits runs of whole tiles.
+      const int64_t lo = band_key_begin(ps, 0), hi = band_key_end(ps, seqlen_q - 1);
+      const int64_t blocks = lo < hi ? ceil_div(hi - lo, block_n) : 0;
+      const int64_t per_split = ceil_div(blocks, num_splits);
+      const int64_t begin = std::min(hi, lo + split * per_split * block_n);
+      const int64_t end = std::min(hi, lo + (split + 1) * per_split * block_n);
+
+      std::fill(ws.row_max.begin(), ws.row_max.end(), kNegInf);
+      std::fill(ws.row_sum.begin(), ws.row_sum.end(), acc_t(0));
+      std::fill(ws.o.begin(), ws.o.end(), acc_t(0));
+      for (int64_t col0 = begin, cols; col0 < end; col0 += cols) {
+        cols = std::min(block_n, end - col0);
+        if (kp.block_table) cols = std::min(cols, kp.page_block_size - col0 % kp.page_block_size);
+        const TileShape t{0, seqlen_q, col0, cols};
+        const TileMasking tm = tile_masking(ps, ws.heads[0], t);
+        if (!tm.visible) continue;
+
+        // S = Q Kᵀ for all the group's rows at once.
+        const scalar_t* k_tile =
+            static_cast<const scalar_t*>(a.k) + row_offset(col0, a.k_batch_stride, a.k_head_stride, a.k_row_stride);
+        Policy::b_transposed(k_tile, a.k_row_stride, cols, a.headdim, ws.k_t.data());
+        Policy::gemm(rows, cols, a.headdim, a_q, lda_q, ws.k_t.data(), Policy::b_ld(cols), ws.s.data(), cols, false);
+
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* s_row = ws.s.data() + r * cols;
+          make_score_row(ps, ws.heads[r / seqlen_q], r % seqlen_q, t, tm, s_row);
+          online_softmax_row(s_row, cols, pending_scale<acc_t>(ps, tm), ws.row_max[r], ws.row_sum[r],
+                             ws.o.data() + r * a.headdim_v, a.headdim_v);
+          if constexpr (!std::is_same_v<op_t, acc_t>) Policy::a_from_acc(s_row, cols, ws.p.data() + r * cols);
+        }
+
+        // O += P V
+        const scalar_t* v_tile =
+            static_cast<const scalar_t*>(a.v) + row_offset(col0, a.v_batch_stride, a.v_head_stride, a.v_row_stride);
+        int64_t ldb_v;
+        const op_t* b_v = Policy::b_rows(v_tile, a.v_row_stride, cols, a.headdim_v, ws.v.data(), &ldb_v);
+        const op_t* a_p;
+        if constexpr (std::is_same_v<op_t, acc_t>)
+          a_p = ws.s.data();
+        else
+          a_p = ws.p.data();
+        Policy::gemm(rows, a.headdim_v, cols, a_p, cols, b_v, ldb_v, ws.o.data(), a.headdim_v, true);
+      }
+
+      // O / row_sum and lse: the final result, or this split's partial one.
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t h = hk * group + r / seqlen_q, i = r % seqlen_q;
+        acc_t* o_row = ws.o.data() + r * a.headdim_v;
+        const acc_t sum = ws.row_sum[r];
+        const acc_t inv = sum > 0 ? acc_t(1) / sum : acc_t(0);
+        at::vec::map([inv](Vectorized<acc_t> x) { return x * Vectorized<acc_t>(inv); }, o_row, o_row, a.headdim_v);
+        const acc_t lse = sum > 0 ? ws.row_max[r] + std::log(sum) : kNegInf;
+        const int64_t row_index = (b * a.num_heads + h) * seqlen_q + i;
+        if (num_splits == 1) {
+          store_row(o_row, a.headdim_v,
+                    static_cast<scalar_t*>(a.out) + b * a.o_batch_stride + h * a.o_head_stride + i * a.o_row_stride);
+          lse_pointer<acc_t>(a)[row_index] = lse;
+        } else {
+          const int64_t part = split * a.batch * a.num_heads * seqlen_q + row_index;
+          std::copy(o_row, o_row + a.headdim_v, static_cast<acc_t*>(kp.partial_out) + part * a.headdim_v);
+          static_cast<acc_t*>(kp.partial_lse)[part] = lse;
+        }
+      }
+    }
+    gemm_release();
+  });
+
+  if (num_splits == 1) return;
+  // Combine: lse = log Σ_s exp(lse_s), O = Σ_s exp(lse_s − lse) O_s, in split order.
+  const int64_t total_rows = a.batch * a.num_heads * seqlen_q;
+  const acc_t* part_o = static_cast<const acc_t*>(kp.partial_out);
+  const acc_t* part_lse = static_cast<const acc_t*>(kp.partial_lse);
+  at::parallel_for(0, total_rows, 16, [&](int64_t row_begin, int64_t row_end) {
+    using Vec = Vectorized<acc_t>;
+    std::vector<acc_t> acc(a.headdim_v);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const int64_t i = row % seqlen_q, bh = row / seqlen_q, b = bh / a.num_heads, h = bh % a.num_heads;
+      acc_t max_lse = kNegInf;
+      for (int64_t s = 0; s < num_splits; ++s) max_lse = std::max(max_lse, part_lse[s * total_rows + row]);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      acc_t lse = kNegInf;
+      if (max_lse != kNegInf) {
+        acc_t sum = 0;
+        for (int64_t s = 0; s < num_splits; ++s) sum += std::exp(part_lse[s * total_rows + row] - max_lse);
+        lse = max_lse + std::log(sum);
+        for (int64_t s = 0; s < num_splits; ++s) {
+          const acc_t w = std::exp(part_lse[s * total_rows + row] - lse);
+          if (w == 0) continue;
+          at::vec::map2([w](Vec x, Vec y) { return x + y * Vec(w); }, acc.data(), acc.data(),
+                        part_o + (s * total_rows + row) * a.headdim_v, a.headdim_v);
+        }
+      }
+      store_row(acc.data(), a.headdim_v,
+                static_cast<scalar_t*>(a.out) + b * a.o_batch_stride + h * a.o_head_stride + i * a.o_row_stride);
+      lse_pointer<acc_t>(a)[row] = lse;
+    }
+  });
+}
+
+}  // namespace
+
+int64_t decode_num_splits(const KvCacheParams& p, int64_t max_seqlen_k, int64_t requested, int threads) {
+  const int64_t block_n = p.block_table ? std::min(kBlockN, p.page_block_size) : kBlockN;
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(max_seqlen_k, block_n));
+  if (requested > 0) return std::clamp<int64_t>(requested, 1, std::min<int64_t>(128, blocks));
+  // Enough tasks for every thread (4 per thread balance uneven lengths), each split >= 2 tiles.
+  const int64_t tasks = std::max<int64_t>(1, p.attn.batch * p.attn.num_heads_k);
+  const int64_t want = ceil_div(4 * threads, tasks);
+  return std::clamp<int64_t>(want, 1, std::max<int64_t>(1, std::min<int64_t>(128, blocks / 2)));
+}
+
+void decode(const KvCacheParams& p) {
+  if (p.attn.batch * p.attn.num_heads * p.attn.seqlen_q == 0) return;
+  have_brgemm_f32();  // probe outside the parallel region
+  have_brgemm_bf16_vnni();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to_scalar_type(p.attn.dtype), "flashattn_cpu_decode", [&] {
+    with_policy<scalar_t>([&](auto policy) { decode_impl<decltype(policy)>(p); });
+  });
+}
+
+}  // namespace flashattn::cpu
