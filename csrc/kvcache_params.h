@@ -31,11 +31,6 @@ struct KvCacheParams {
   void* partial_out = nullptr;
   void* partial_lse = nullptr;
 };
-
-namespace cpu {
-// num_splits = 0: chosen from the thread count and the cache lengths.
-int64_t decode_num_splits(const KvCacheParams& p, int64_t max_seqlen_k, int64_t requested, int threads);
-void decode(const KvCacheParams& p);
-}  // namespace cpu
+// The decode kernels' entry points are declared with the others in cpu/kernels.h.
 
 }  // namespace flashattn

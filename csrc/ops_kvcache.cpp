@@ -17,6 +17,7 @@
 #include <cmath>
 #include <limits>
 
+#include "cpu/kernels.h"
 #include "kvcache_params.h"
 #include "ops.h"
 

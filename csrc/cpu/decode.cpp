@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/kernels.h"
 #include "kvcache_params.h"
 #include "cpu/matmul_policy.h"
 #include "cpu/online_softmax.h"
@@ -24,7 +25,7 @@
 #include "cpu/scores.h"
 #include "cpu/tiling.h"
 
-namespace flashattn::cpu {
+namespace flashattn::cpu::CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kBlockN = 256;
@@ -213,4 +214,4 @@ void decode(const KvCacheParams& p) {
   });
 }
 
-}  // namespace flashattn::cpu
+}  // namespace flashattn::cpu::CPU_CAPABILITY

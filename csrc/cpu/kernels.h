@@ -9,6 +9,7 @@
 #include <string>
 
 #include "attention_params.h"
+#include "kvcache_params.h"
 
 // X(return type, name, parameters, arguments): every per-ISA kernel entry point, once.
 #define FLASHATTN_CPU_KERNELS(X)                                                                 \
@@ -22,7 +23,12 @@
   X(int64_t, backward_dq_accum_elems, (const AttentionGradParams& p), (p))                       \
   /* Test-only: the dropout keep mask, (batch, num_heads, seqlen_q, seqlen_k) bytes, from the   \
      same Philox stream the kernels use. */                                                      \
-  X(void, dropout_mask, (const AttentionParams& p, uint8_t* keep), (p, keep))
+  X(void, dropout_mask, (const AttentionParams& p, uint8_t* keep), (p, keep))                    \
+  /* flash_attn_with_kvcache (decode.cpp); num_splits = 0: chosen from the thread count and   \
+     the cache lengths. */                                                                       \
+  X(int64_t, decode_num_splits, (const KvCacheParams& p, int64_t max_seqlen_k, int64_t requested, int threads), \
+    (p, max_seqlen_k, requested, threads))                                                       \
+  X(void, decode, (const KvCacheParams& p), (p))
 
 namespace flashattn::cpu {
 

@@ -1,6 +1,8 @@
 // The online softmax step shared by the CPU forward and decode kernels.
 #pragma once
 
+#include "cpu/isa.h"
+
 #include <ATen/cpu/vec/functional.h>
 
 #include <algorithm>
@@ -9,7 +11,7 @@
 
 #include "cpu/scores.h"
 
-namespace flashattn::cpu {
+namespace flashattn::cpu::CPU_CAPABILITY {
 
 // Online softmax for one row of one tile (scores = s * factor): folds the row into (row_max,
 // row_sum), rescales the row of the output accumulator, and leaves P in `s`.
@@ -33,4 +35,4 @@ inline void online_softmax_row(acc_t* s, int64_t n, acc_t factor, acc_t& row_max
   row_sum += exp_row(s, n, factor, new_max);
 }
 
-}  // namespace flashattn::cpu
+}  // namespace flashattn::cpu::CPU_CAPABILITY
