@@ -183,3 +183,46 @@ def test_autocast_float_mask_is_cast_and_training_works():
     q64 = rand(1, 1, 3, 4, dtype=torch.float64)
     with torch.autocast("cpu", torch.bfloat16):
         assert sdpa(q64, q64, q64).dtype == torch.float64
+
+
+# ---- memory: no per-shape growth (micro-kernel configurations are bounded) ----
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2 ** 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distinct_shapes_do_not_grow_memory(dtype):
+    import random
+    rng = random.Random(1)
+
+    def step(L, S, E, Ev):
+        q = torch.randn(1, 2, L, E, dtype=dtype, requires_grad=True)
+        k = torch.randn(1, 2, S, E, dtype=dtype, requires_grad=True)
+        v = torch.randn(1, 2, S, Ev, dtype=dtype, requires_grad=True)
+        sdpa(q, k, v).sum().backward()
+
+    for _ in range(30):  # warm-up: allocator pools, probes, the admitted micro-kernels
+        step(rng.randint(1, 160), rng.randint(1, 160), rng.randint(1, 96), rng.randint(1, 96))
+    before = _rss_mb()
+    for _ in range(200):  # ~45 MB per 200 shapes (fp32) before the micro-kernel budget
+        step(rng.randint(1, 160), rng.randint(1, 160), rng.randint(1, 96), rng.randint(1, 96))
+    assert _rss_mb() - before < 6.0
+
+
+# ---- semantics ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("magnitude", [1e9, 1e10, 3e11])
+def test_huge_finite_scores_stay_finite(dtype, magnitude):
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 16, 8)
+    k = torch.randn(2, 2, 33, 8)
+    v = torch.randn(2, 2, 33, 8)
+    scale = magnitude / 8  # scores ~ magnitude
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = sdpa(q, k, v, scale=scale)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, dtype)
