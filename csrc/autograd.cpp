@@ -83,6 +83,10 @@ class FlashAttentionBackwardFunction : public torch::autograd::Function<FlashAtt
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v FLASHATTN_OPTIONS_PARAMS) {
+  TORCH_CHECK_VALUE(!(alibi_slopes && alibi_slopes->defined() && alibi_slopes->requires_grad() &&
+                      at::GradMode::is_enabled()),
+                    "flashattn_ext: alibi_slopes requires grad, but the ALiBi slopes get no gradient here; pass "
+                    "alibi_slopes.detach() (or learn the slopes with a float attn_mask, which gets its gradient)");
   auto outs = FlashAttentionFunction::apply(q, k, v FLASHATTN_TENSOR_OPTIONS_ARGS, FLASHATTN_OPTIONS_FROM_PARAMS());
   return {outs[0], outs[1], outs[2]};
 }

@@ -100,8 +100,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     k.size(-2), " and value ", v.size(-2));
   TORCH_CHECK_VALUE(q.size(-1) == k.size(-1), "flashattn_ext: query and key must have the same head dim, got query ",
                     q.size(-1), " and key ", k.size(-1));
-  TORCH_CHECK_VALUE(q.size(-1) > 0 && v.size(-1) > 0, "flashattn_ext: head dims must be at least 1, got query ",
-                    q.size(-1), " and value ", v.size(-1));
   TORCH_CHECK_VALUE(!runs_cuda_kernels(q) || (q.size(-1) <= kCudaMaxHeadDim && v.size(-1) <= kCudaMaxHeadDim),
                     "flashattn_ext: head dims above ", kCudaMaxHeadDim, " are not supported on CUDA, got query ",
                     q.size(-1), " and value ", v.size(-1), " (CPU takes any head dim)");
@@ -287,8 +285,11 @@ AttentionParams make_params(const at::Tensor& q4, const at::Tensor& k4, const at
   p.dtype = dtype_of(q.scalar_type());
   p.softmax_scale = o.scale ? *o.scale : 1.0 / std::sqrt(static_cast<double>(p.headdim));
   p.softcap = o.softcap;
-  p.window_left = o.window_left;
-  p.window_right = o.window_right;
+  // A window reaching past every key is unbounded: clamping it keeps i + diag ± window (band
+  // arithmetic in the kernels) far from int64 overflow for windows like sys.maxsize.
+  const int64_t unbounded_from = p.seqlen_q + p.seqlen_k;
+  p.window_left = o.window_left >= unbounded_from ? -1 : o.window_left;
+  p.window_right = o.window_right >= unbounded_from ? -1 : o.window_right;
   p.bottom_right = o.bottom_right;
   p.dropout_p = o.dropout_p;
   if (o.attn_mask && o.attn_mask->defined()) {
@@ -398,9 +399,31 @@ DType kernel_dtype(at::ScalarType t) { return dtype_of(t); }
 void set_poison_outputs(bool on) { g_poison.store(on); }
 bool poison_outputs() { return g_poison.load(); }
 
+// Head dim 0, as SDPA: with E == 0 every score is 0 (+ mask/bias), so the output is a softmax-weighted
+// mean of V; with Ev == 0 the output is empty (the lse still holds). Both run the kernels on a
+// zero-filled head dim of 1, which gives exactly that, and drop it from the results.
+at::Tensor zero_width_one(const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = 1;
+  return at::zeros(shape, x.options());
+}
+
+AttentionOptions zero_headdim_options(const at::Tensor& q, const AttentionOptions& o) {
+  AttentionOptions o1 = o;
+  if (q.size(-1) == 0 && !o.scale) o1.scale = 1.0;  // 1/sqrt(0): any finite scale of a zero score is 0
+  return o1;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const AttentionOptions& o) {
   check_inputs(q, k, v, o);
+  if ((q.size(-1) == 0 || v.size(-1) == 0) && q.numel() + k.numel() + v.numel() > 0) {
+    const bool e0 = q.size(-1) == 0, ev0 = v.size(-1) == 0;
+    auto [out, lse, rng_state] = attention_fwd(e0 ? zero_width_one(q) : q, e0 ? zero_width_one(k) : k,
+                                               ev0 ? zero_width_one(v) : v, zero_headdim_options(q, o));
+    if (ev0) out = allocate_out(q, 0);
+    return {out, lse, rng_state};
+  }
   const at::Tensor q4 = as_4d(q), k4 = as_4d(k), v4 = as_4d(v);
   at::Tensor out = allocate_out(q, v.size(-1));
   at::Tensor lse = at::empty(q.sizes().slice(0, q.dim() - 1), q.options().dtype(lse_dtype(q)));
@@ -452,6 +475,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   TORCH_CHECK_VALUE(!mask_grad || (has_mask && o.attn_mask->is_floating_point()),
                     "flashattn_ext: mask_grad needs a floating-point attn_mask");
 
+  if (q.size(-1) == 0 && v.size(-1) > 0 && q.size(-2) > 0 && k.size(-2) > 0 && out.numel() > 0) {
+    // See attention_fwd: the same zero-filled head dim of 1; dq and dk are empty.
+    auto [dq1, dk1, dv, dmask] = attention_bwd(grad_out, zero_width_one(q), zero_width_one(k), v, out, lse,
+                                               rng_state, zero_headdim_options(q, o), mask_grad);
+    return {allocate_grad(q), allocate_grad(k), dv, dmask};
+  }
   at::Tensor dq = allocate_grad(q), dk = allocate_grad(k), dv = allocate_grad(v);
   const bool cuda_kernels = runs_cuda_kernels(q);
   at::Tensor dmask = at::empty(mask_grad ? o.attn_mask->sizes() : at::IntArrayRef{0}, q.options().dtype(at::kFloat));

@@ -1,19 +1,55 @@
 """The public attention functions: argument normalisation only. Checks and math live in C++
 (csrc/ops.cpp validates every input once, with messages that name the argument)."""
 
+import operator
 from typing import Optional, Tuple
 
 import torch
 
+from ._errors import AttentionTypeError, AttentionValueError, translated
+
 _ops = torch.ops.flashattn_ext
+_Tensor = torch.Tensor
+# Windows at least this wide are unbounded (the op clamps any window >= L + S to -1 as well); a
+# Python int beyond int64 would not reach the op.
+_WINDOW_CAP = 1 << 62
 
 
-def _band(causal: bool, window_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+def _window_side(x, fn: str) -> int:
+    if isinstance(x, bool) or isinstance(x, float):
+        raise AttentionTypeError(f"flashattn_ext.{fn}: window_size must hold two ints (left, right), got "
+                                 f"{type(x).__name__} {x!r}")
+    try:
+        x = operator.index(x)
+    except TypeError:
+        raise AttentionTypeError(f"flashattn_ext.{fn}: window_size must hold two ints (left, right), got "
+                                 f"{type(x).__name__}") from None
+    return min(x, _WINDOW_CAP)
+
+
+def _band(causal: bool, window_size, fn: str = "scaled_dot_product_attention") -> Tuple[int, int]:
     """(window_left, window_right) from causal and a (left, right) window; -1 = unbounded."""
-    left, right = (-1, -1) if window_size is None else (int(window_size[0]), int(window_size[1]))
+    if window_size is None:
+        left, right = -1, -1
+    else:
+        if isinstance(window_size, (str, bytes)) or not hasattr(window_size, "__len__"):
+            raise AttentionTypeError(f"flashattn_ext.{fn}: window_size must be a (left, right) pair of ints, got "
+                                     f"{type(window_size).__name__}")
+        if len(window_size) != 2:
+            raise AttentionValueError(f"flashattn_ext.{fn}: window_size must be a (left, right) pair of ints, got "
+                                      f"{len(window_size)} values {tuple(window_size)!r}")
+        left, right = _window_side(window_size[0], fn), _window_side(window_size[1], fn)
     if causal:
         right = 0 if right < 0 else min(right, 0)
     return left, right
+
+
+def _check_tensor(name: str, x, fn: str):
+    if not isinstance(x, _Tensor):
+        raise AttentionTypeError(f"flashattn_ext.{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested:
+        raise AttentionTypeError(f"flashattn_ext.{fn}: {name} is a nested (jagged) tensor, which flashattn_ext does "
+                                 f"not take; pass padded tensors with an attn_mask, or the packed varlen API")
 
 
 def _broadcast_batch(query, key, value, enable_gqa: bool):
@@ -31,7 +67,7 @@ def _broadcast_batch(query, key, value, enable_gqa: bool):
         hint = ""
         if rank >= 3 and not enable_gqa and q.shape[-3] != k.shape[-3]:
             hint = " (for grouped-query attention pass enable_gqa=True)"
-        raise RuntimeError(
+        raise AttentionValueError(
             f"flashattn_ext: the batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
             f"{tuple(value.shape)} do not broadcast{hint}: {e}") from None
     if enable_gqa and rank >= 3:
@@ -66,34 +102,64 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     deterministic: bitwise reproducible backward (default: torch.are_deterministic_algorithms_enabled()).
     """
     if attn_mask is not None and is_causal:
-        raise RuntimeError("flashattn_ext: _scaled_dot_product_attention: Explicit attn_mask should not be set "
-                           "when is_causal=True (pass either attn_mask or is_causal)")
-    q, k, v = _broadcast_batch(query, key, value, enable_gqa)
-    left, right = _band(is_causal, window_size)
+        raise AttentionValueError("flashattn_ext: _scaled_dot_product_attention: Explicit attn_mask should not be "
+                                  "set when is_causal=True (pass either attn_mask or is_causal)")
+    # Fast path: plain tensors whose batch dims already agree (the common case) go straight to the
+    # op, which checks everything else; anything else is checked and broadcast here.
+    if not (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor
+            and not (query.is_nested or key.is_nested or value.is_nested)
+            and _batch_agrees(query.shape, key.shape, value.shape, enable_gqa)):
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            _check_tensor(name, x, "scaled_dot_product_attention")
+        query, key, value = _broadcast_batch(query, key, value, enable_gqa)
+    if window_size is None:
+        left, right = (-1, 0) if is_causal else (-1, -1)
+    else:
+        left, right = _band(is_causal, window_size)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    out, _, _ = _ops.fwd(q, k, v, attn_mask, alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), scale=scale,
-                         window_left=left, window_right=right, softcap=float(softcap),
-                         deterministic=bool(deterministic))
+    try:
+        out, _, _ = _ops.fwd(query, key, value, attn_mask, alibi_slopes=alibi_slopes, dropout_p=float(dropout_p),
+                             scale=scale, window_left=left, window_right=right, softcap=float(softcap),
+                             deterministic=bool(deterministic))
+    except (ValueError, TypeError) as e:
+        raise translated(e) from None
     return out
 
 
+def _batch_agrees(qs, ks, vs, enable_gqa: bool) -> bool:
+    """True when query/key/value need no broadcasting: same rank, same batch dims (and heads
+    unless enable_gqa)."""
+    n = len(qs)
+    if n != len(ks) or n != len(vs) or n < 2:
+        return False
+    lead = -3 if (enable_gqa and n >= 3) else -2
+    return qs[:lead] == ks[:lead] == vs[:lead]
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_lse=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, return_lse=False):
     """flash-attn style attention on (batch, seqlen, heads, headdim) tensors.
 
     causal and window_size are aligned bottom-right as in flash-attn (query i sees key j when
     j <= i + S - L). GQA/MQA: pass fewer key/value heads (a divisor of the query heads).
-    Returns out (B, L, H, Dv), and with return_lse=True also the float32 lse (B, H, L).
+    Returns out (B, L, H, Dv); with return_lse=True (out, lse) with the float32 lse (B, H, L);
+    with return_attn_probs=True flash-attn's (out, softmax_lse, S_dmask), where S_dmask is always
+    None (the probabilities are never materialized).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"flashattn_ext.flash_attn_func: {name} must be a 4-D (batch, seqlen, heads, headdim) "
-                             f"tensor, got {got}")
-    left, right = _band(causal, window_size)
-    out, lse, _ = _ops.fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), alibi_slopes=alibi_slopes,
-                           dropout_p=float(dropout_p), scale=softmax_scale, window_left=left, window_right=right,
-                           bottom_right=True, softcap=float(softcap), deterministic=bool(deterministic))
+        _check_tensor(name, t, "flash_attn_func")
+        if t.dim() != 4:
+            raise AttentionValueError(f"flashattn_ext.flash_attn_func: {name} must be a 4-D (batch, seqlen, heads, "
+                                      f"headdim) tensor, got {tuple(t.shape)}")
+    left, right = _band(causal, window_size, "flash_attn_func")
+    try:
+        out, lse, _ = _ops.fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), alibi_slopes=alibi_slopes,
+                               dropout_p=float(dropout_p), scale=softmax_scale, window_left=left, window_right=right,
+                               bottom_right=True, softcap=float(softcap), deterministic=bool(deterministic))
+    except (ValueError, TypeError) as e:
+        raise translated(e) from None
     out = out.transpose(1, 2)
+    if return_attn_probs:
+        return out, lse, None
     return (out, lse) if return_lse else out

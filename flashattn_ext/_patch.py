@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from ._api import scaled_dot_product_attention as _ours
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_Tensor = torch.Tensor
+_is_batched = torch._C._functorch.is_batchedtensor
+_is_compiling = torch.compiler.is_compiling
 
 
 def _tracing_tensor_types():
@@ -79,6 +82,16 @@ class patch_sdpa:
 
         def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                          scale=None, enable_gqa=False):
+            # Fast path, the common case: plain CPU tensors of a dtype we take (what
+            # unsupported_reason would accept, decided in a few attribute reads).
+            if (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor
+                    and (attn_mask is None or type(attn_mask) is _Tensor)
+                    and query.device.type == "cpu" and query.dtype in _DTYPES
+                    and not (query.is_nested or key.is_nested or value.is_nested)
+                    and (attn_mask is None or not attn_mask.is_nested)
+                    and (_is_compiling() or not _is_batched(query))):
+                patch.calls += 1
+                return _ours(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
             why = unsupported_reason(query, key, value, attn_mask)
             if why is None:
                 patch.calls += 1

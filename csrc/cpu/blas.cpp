@@ -4,10 +4,67 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
+#include <unordered_set>
 #include <vector>
+
+// torch's BLAS (MKL on x86 builds), for the GEMMs that do not get a micro-kernel; weak, so a torch
+// built without it still loads us (at::mm_out is used then).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                            int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
 
 namespace flashattn::cpu {
 namespace {
+
+// oneDNN's brgemm (behind at::native::cpublas::brgemm) generates one micro-kernel per distinct
+// (M, N, K, lda, ldb, ldc, beta) and keeps it for the life of the thread: a server that sees a new
+// sequence length at every step would grow without bound (~0.3 MB per new shape, fwd + bwd). So
+// only a small, fixed set of configurations gets a micro-kernel: every dimension a multiple of 16
+// up to 512 or below 16 (full tiles and head dims; the tile sizes of csrc/cpu/tiling.h are such
+// values for long sequences), and at most kMaxKernelsPerThread distinct ones per thread. Every
+// other GEMM (edge tiles of odd lengths, odd head dims, past the budget) runs on torch's BLAS,
+// which generates nothing per shape.
+constexpr size_t kMaxKernelsPerThread = 160;
+
+bool canonical_dim(int64_t x) { return x < 16 || (x % 16 == 0 && x <= 512); }
+
+struct KernelKey {
+  int64_t m, n, k, lda, ldb, ldc;
+  bool accumulate;
+  bool operator==(const KernelKey& o) const {
+    return m == o.m && n == o.n && k == o.k && lda == o.lda && ldb == o.ldb && ldc == o.ldc &&
+           accumulate == o.accumulate;
+  }
+};
+struct KernelKeyHash {
+  size_t operator()(const KernelKey& x) const {
+    size_t h = static_cast<size_t>(x.accumulate);
+    for (int64_t v : {x.m, x.n, x.k, x.lda, x.ldb, x.ldc}) h = h * 1000003u ^ static_cast<size_t>(v);
+    return h;
+  }
+};
+
+// Whether this GEMM may use (or create) a micro-kernel on this thread. `vnni` keys are separate:
+// they are separate kernels.
+bool admit_micro_kernel(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool accumulate,
+                        bool vnni) {
+  if (!canonical_dim(M) || !canonical_dim(N) || !canonical_dim(K)) return false;
+  thread_local std::unordered_set<KernelKey, KernelKeyHash> admitted[2];
+  auto& set = admitted[vnni];
+  const KernelKey key{M, N, K, lda, ldb, ldc, accumulate};
+  if (set.count(key)) return true;
+  if (set.size() >= kMaxKernelsPerThread) return false;
+  set.insert(key);
+  return true;
+}
+
+bool fits_int(int64_t x) { return x <= std::numeric_limits<int>::max(); }
 
 at::Tensor wrap(const void* data, int64_t rows, int64_t cols, int64_t ld, at::ScalarType type) {
   return at::from_blob(const_cast<void*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(type));
@@ -58,8 +115,20 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
-  if (have_brgemm_f32()) {
+  if (have_brgemm_f32() && admit_micro_kernel(M, N, K, lda, ldb, ldc, accumulate, false)) {
     at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, false);
+    return;
+  }
+  // Column-major view: Cᵀ (N×M) = Bᵀ (N×K) · Aᵀ (K×M), each operand read in place. A leading
+  // dimension of a single row/column is never read: BLAS still wants it >= the rows.
+  if (K == 1) ldb = N;
+  if (M == 1) lda = K, ldc = N;
+  if (sgemm_ && fits_int(M) && fits_int(N) && fits_int(K) && fits_int(lda) && fits_int(ldb) && fits_int(ldc) &&
+      ldb >= N && lda >= K && ldc >= N) {
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const float one = 1.f, beta = accumulate ? 1.f : 0.f;
+    sgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
     return;
   }
   at::Tensor c = wrap(C, M, N, ldc, at::kFloat);
@@ -77,7 +146,33 @@ void gemm_bf16_vnni(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, true);
+  if (admit_micro_kernel(M, N, K, lda, ldb, ldc, accumulate, true)) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, true);
+    return;
+  }
+  // No micro-kernel for this configuration: unpack B's VNNI pairs into a K×N row-major buffer and
+  // use torch's BLAS bf16 GEMM (fp32 accumulation), or widen to fp32 where it is missing.
+  thread_local std::vector<c10::BFloat16> b_plain;
+  b_plain.resize(static_cast<size_t>(K * N));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) b_plain[k * N + n] = B[((k / 2) * ldb + n) * 2 + k % 2];
+  if (M == 1) lda = K, ldc = N;
+  if (cblas_gemm_bf16bf16f32 && fits_int(M) && fits_int(N) && fits_int(K) && fits_int(lda) && fits_int(ldc) &&
+      lda >= K && ldc >= N) {
+    constexpr int kRowMajor = 101, kNoTrans = 111;
+    cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kNoTrans, static_cast<int>(M), static_cast<int>(N),
+                           static_cast<int>(K), 1.f, reinterpret_cast<const uint16_t*>(A), static_cast<int>(lda),
+                           reinterpret_cast<const uint16_t*>(b_plain.data()), static_cast<int>(N),
+                           accumulate ? 1.f : 0.f, C, static_cast<int>(ldc));
+    return;
+  }
+  thread_local std::vector<float> a_wide, b_wide;
+  a_wide.resize(static_cast<size_t>(M * K));
+  b_wide.resize(static_cast<size_t>(K * N));
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < K; ++k) a_wide[i * K + k] = static_cast<float>(A[i * lda + k]);
+  for (int64_t i = 0; i < K * N; ++i) b_wide[i] = static_cast<float>(b_plain[i]);
+  gemm_f32(M, N, K, a_wide.data(), K, b_wide.data(), N, C, ldc, accumulate);
 }
 
 void gemm_f64(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,

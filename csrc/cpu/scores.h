@@ -41,26 +41,28 @@ inline Vectorized<float> exp2_fast(const Vectorized<float>& x) {
 }
 #endif
 
-// exp(x * factor - shift), vectorized. fp32 on AVX-512 goes through exp2_fast with log2(e) folded
-// into the factor and the shift; elsewhere Sleef's exp (1 ulp). NaN propagates in both.
+// exp(x * factor - shift), vectorized. fp32 on AVX-512 goes through exp2_fast (times log2(e));
+// (where the compiler contracts x * factor - shift into an FMA on other builds the maximum's term
+// keeps the product's rounding error)
+// elsewhere Sleef's exp (1 ulp). NaN propagates in both. The product is rounded before the shift
+// is subtracted (no fused multiply-add): the shift is a row maximum computed as round(x_max *
+// factor), so the maximum's term is exactly exp(0) = 1 however large the scores (an FMA would leave
+// the product's rounding error, up to ulp(|score|) / 2, in the exponent: 2^±64 at |score| ~ 1e10,
+// and inf / inf = NaN).
 template <typename T>
 struct ScaledExp {
   Vectorized<T> factor, shift;
-  ScaledExp(T f, T s) {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<T, float>) {
-      constexpr float kLog2e = 1.4426950408889634f;
-      factor = Vectorized<T>(f * kLog2e), shift = Vectorized<T>(-s * kLog2e);
-      return;
-    }
-#endif
-    factor = Vectorized<T>(f), shift = Vectorized<T>(-s);
-  }
+  ScaledExp(T f, T s) : factor(f), shift(s) {}
   Vectorized<T> operator()(const Vectorized<T>& x) const {
 #if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<T, float>) return exp2_fast(at::vec::fmadd(x, factor, shift));
+    if constexpr (std::is_same_v<T, float>) {
+      // An explicitly rounded multiply: the compiler may not contract it with the subtraction.
+      constexpr float kLog2e = 1.4426950408889634f;
+      const __m512 product = _mm512_mul_round_ps(x, factor, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      return exp2_fast(Vectorized<T>(_mm512_sub_ps(product, shift)) * Vectorized<T>(kLog2e));
+    }
 #endif
-    return at::vec::fmadd(x, factor, shift).exp();
+    return (x * factor - shift).exp();
   }
 };
 
