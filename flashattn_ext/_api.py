@@ -127,6 +127,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out
 
 
+def _bottom_right_causal(query, key, value, dropout_p, scale, enable_gqa):
+    """SDPA with a bottom-right aligned causal mask (query i sees key j <= i + S - L): what
+    torch.nn.attention.bias.causal_lower_right asks for."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, x, "scaled_dot_product_attention")
+    q, k, v = _broadcast_batch(query, key, value, enable_gqa)
+    try:
+        out, _, _ = _ops.fwd(q, k, v, None, dropout_p=float(dropout_p), scale=scale, window_left=-1, window_right=0,
+                             bottom_right=True, deterministic=torch.are_deterministic_algorithms_enabled())
+    except (ValueError, TypeError) as e:
+        raise translated(e) from None
+    return out
+
+
 def _batch_agrees(qs, ks, vs, enable_gqa: bool) -> bool:
     """True when query/key/value need no broadcasting: same rank, same batch dims (and heads
     unless enable_gqa)."""

@@ -8,12 +8,26 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from torch.overrides import handle_torch_function, has_torch_function
+
+from ._api import _bottom_right_causal
 from ._api import scaled_dot_product_attention as _ours
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _Tensor = torch.Tensor
 _is_batched = torch._C._functorch.is_batchedtensor
 _is_compiling = torch.compiler.is_compiling
+_cpu_flash = torch._C._get_flash_sdp_enabled
+
+
+def _fused_backends_enabled(query):
+    """Whether sdpa_kernel()'s current backend set has a fused backend we stand in for: torch's
+    flash kernel on CPU; flash, memory-efficient or cuDNN attention on CUDA."""
+    if torch._C._get_flash_sdp_enabled():
+        return True
+    device = getattr(query, "device", None)
+    return device is not None and device.type == "cuda" and (
+        torch._C._get_mem_efficient_sdp_enabled() or torch._C._get_cudnn_sdp_enabled())
 
 
 def _tracing_tensor_types():
@@ -86,12 +100,36 @@ class patch_sdpa:
             # unsupported_reason would accept, decided in a few attribute reads).
             if (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor
                     and (attn_mask is None or type(attn_mask) is _Tensor)
-                    and query.device.type == "cpu" and query.dtype in _DTYPES
+                    and query.device.type == "cpu" and query.dtype in _DTYPES and (_is_compiling() or _cpu_flash())
                     and not (query.is_nested or key.is_nested or value.is_nested)
                     and (attn_mask is None or not attn_mask.is_nested)
                     and (_is_compiling() or not _is_batched(query))):
                 patch.calls += 1
                 return _ours(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            if not torch.compiler.is_compiling() and not _fused_backends_enabled(query):
+                # sdpa_kernel([...]) left out every fused backend this call would stand in for:
+                # torch serves it (or raises, as it does without the patch).
+                why = "the sdpa_kernel() backend selection (no fused backend enabled)"
+                patch.fallbacks[why] = patch.fallbacks.get(why, 0) + 1
+                return patch._original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                       is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+            if attn_mask is not None and type(attn_mask) not in _tracing_tensor_types():
+                from torch.nn.attention.bias import CausalBias, CausalVariant
+                if isinstance(attn_mask, CausalBias):
+                    # torch's causal masks: our causal band, top-left or bottom-right aligned.
+                    if is_causal:
+                        raise ValueError("CausalBias should not be used with causal=True")
+                    if unsupported_reason(query, key, value) is None:
+                        patch.calls += 1
+                        if attn_mask.variant == CausalVariant.UPPER_LEFT or attn_mask.seq_len_q == attn_mask.seq_len_kv:
+                            return _ours(query, key, value, None, dropout_p, True, scale, enable_gqa)
+                        return _bottom_right_causal(query, key, value, dropout_p, scale, enable_gqa)
+            # Any other tensor subclass with a __torch_function__ override takes the call over, as it
+            # would for torch's function (then calls back into this one with plain tensors).
+            if has_torch_function((query, key, value, attn_mask)):
+                return handle_torch_function(scaled_dot_product_attention, (query, key, value, attn_mask), query, key,
+                                             value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                             scale=scale, enable_gqa=enable_gqa)
             why = unsupported_reason(query, key, value, attn_mask)
             if why is None:
                 patch.calls += 1

@@ -226,3 +226,59 @@ def test_huge_finite_scores_stay_finite(dtype, magnitude):
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
     assert torch.isfinite(out).all()
     assert_close(out, ref, dtype)
+
+
+# ---- patch_sdpa: torch's CausalBias masks, sdpa_kernel backend selection ----
+
+@pytest.mark.parametrize("L,S", [(6, 6), (5, 9)])
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+def test_patch_maps_causal_bias_masks(L, S, variant):
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+    make = causal_upper_left if variant == "upper_left" else causal_lower_right
+    q, k, v = (t.requires_grad_() for t in (rand(2, 3, L, 8), rand(2, 3, S, 8), rand(2, 3, S, 8)))
+    bias = make(L, S)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    (gq_ref,) = torch.autograd.grad(ref.sum(), q)
+    with flashattn_ext.patch_sdpa() as patch:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        (gq,) = torch.autograd.grad(out.sum(), q)
+        with pytest.raises(ValueError, match="CausalBias should not be used with causal=True"):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True)
+    assert patch.calls == 1 and not patch.fallbacks
+    assert_close(out, ref.double(), torch.float32)
+    assert_close(gq, gq_ref.double(), torch.float32)
+
+
+def test_patch_honours_sdpa_kernel_backend_selection():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = qkv()
+    with flashattn_ext.patch_sdpa() as patch:
+        with sdpa_kernel(SDPBackend.MATH):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert patch.calls == 0 and sum(patch.fallbacks.values()) == 1
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):  # nothing torch can serve on CPU: torch raises
+            with pytest.raises(RuntimeError):
+                F.scaled_dot_product_attention(q, k, v)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+            F.scaled_dot_product_attention(q, k, v)
+        assert patch.calls == 1
+        F.scaled_dot_product_attention(q, k, v)
+        assert patch.calls == 2
+    assert_close(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True),
+                 torch.float32)
+
+
+def test_patch_dispatches_torch_function_overrides():
+    class Logged(torch.Tensor):
+        seen = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                cls.seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    q, k, v = qkv()
+    with flashattn_ext.patch_sdpa():
+        F.scaled_dot_product_attention(q.as_subclass(Logged), k, v)
+    assert Logged.seen, "the subclass's __torch_function__ was not consulted"

@@ -25,14 +25,14 @@ namespace {
 // oneDNN's brgemm (behind at::native::cpublas::brgemm) generates one micro-kernel per distinct
 // (M, N, K, lda, ldb, ldc, beta) and keeps it for the life of the thread: a server that sees a new
 // sequence length at every step would grow without bound (~0.3 MB per new shape, fwd + bwd). So
-// only a small, fixed set of configurations gets a micro-kernel: every dimension a multiple of 16
-// up to 512 or below 16 (full tiles and head dims; the tile sizes of csrc/cpu/tiling.h are such
+// only a small, fixed set of configurations gets a micro-kernel: every dimension a multiple of 8
+// up to 512 or at most 16 (full tiles and head dims; the tile sizes of csrc/cpu/tiling.h are such
 // values for long sequences), and at most kMaxKernelsPerThread distinct ones per thread. Every
 // other GEMM (edge tiles of odd lengths, odd head dims, past the budget) runs on torch's BLAS,
 // which generates nothing per shape.
-constexpr size_t kMaxKernelsPerThread = 160;
+constexpr size_t kMaxKernelsPerThread = 256;
 
-bool canonical_dim(int64_t x) { return x < 16 || (x % 16 == 0 && x <= 512); }
+bool canonical_dim(int64_t x) { return x <= 16 || (x % 8 == 0 && x <= 512); }
 
 struct KernelKey {
   int64_t m, n, k, lda, ldb, ldc;
