@@ -9,6 +9,8 @@ import torch
 from ._errors import AttentionTypeError, AttentionValueError, translated
 
 _ops = torch.ops.flashattn_ext
+_fwd = _ops.fwd.default
+_deterministic_enabled = torch.are_deterministic_algorithms_enabled
 _Tensor = torch.Tensor
 # Windows at least this wide are unbounded (the op clamps any window >= L + S to -1 as well); a
 # Python int beyond int64 would not reach the op.
@@ -112,16 +114,21 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         for name, x in (("query", query), ("key", key), ("value", value)):
             _check_tensor(name, x, "scaled_dot_product_attention")
         query, key, value = _broadcast_batch(query, key, value, enable_gqa)
-    if window_size is None:
-        left, right = (-1, 0) if is_causal else (-1, -1)
-    else:
-        left, right = _band(is_causal, window_size)
     if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
+        deterministic = _deterministic_enabled()
     try:
-        out, _, _ = _ops.fwd(query, key, value, attn_mask, alibi_slopes=alibi_slopes, dropout_p=float(dropout_p),
-                             scale=scale, window_left=left, window_right=right, softcap=float(softcap),
-                             deterministic=bool(deterministic))
+        if (window_size is None and not dropout_p and scale is None and not softcap and alibi_slopes is None
+                and not deterministic):
+            # Every option at its default: the fewest arguments for the dispatcher to parse.
+            if is_causal:
+                out, _, _ = _fwd(query, key, value, attn_mask, window_right=0)
+            else:
+                out, _, _ = _fwd(query, key, value, attn_mask)
+            return out
+        left, right = _band(is_causal, window_size)
+        out, _, _ = _fwd(query, key, value, attn_mask, alibi_slopes=alibi_slopes, dropout_p=float(dropout_p),
+                         scale=scale, window_left=left, window_right=right, softcap=float(softcap),
+                         deterministic=bool(deterministic))
     except (ValueError, TypeError) as e:
         raise translated(e) from None
     return out

@@ -282,3 +282,36 @@ def test_patch_dispatches_torch_function_overrides():
     with flashattn_ext.patch_sdpa():
         F.scaled_dot_product_attention(q.as_subclass(Logged), k, v)
     assert Logged.seen, "the subclass's __torch_function__ was not consulted"
+
+
+def test_float64_mask_gradient_accumulates_in_float64():
+    q, k, v = qkv(L=20, S=30, dtype=torch.float64, requires_grad=True)
+    mask = rand(3, 20, 30, dtype=torch.float64).requires_grad_(True)  # broadcast over the batch: sums
+    out = sdpa(q, k, v, attn_mask=mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    grad = rand(*out.shape, dtype=torch.float64)
+    (g,) = torch.autograd.grad(out, mask, grad)
+    (g_ref,) = torch.autograd.grad(ref, mask, grad)
+    assert g.dtype == torch.float64
+    assert (g - g_ref).abs().max().item() < 1e-12  # float32 accumulation: ~1e-7
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_deterministic_results_do_not_depend_on_the_thread_count(causal):
+    torch.manual_seed(3)
+    q = rand(1, 2, 300, 40, requires_grad=True)
+    k = rand(1, 1, 1100, 40, requires_grad=True)  # 9 key blocks: 4, 8, 9 chunks by thread count before
+    v = rand(1, 1, 1100, 24, requires_grad=True)
+    grad = rand(1, 2, 300, 24)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = sdpa(q, k, v, is_causal=causal, enable_gqa=True, deterministic=True)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

@@ -1,6 +1,7 @@
 // Tile sizes and tile ranges of the CPU kernels.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <c10/core/ScalarType.h>
 
 #include <algorithm>
@@ -22,6 +23,13 @@ struct Tiling {
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The thread count the tiles are chosen for: in deterministic mode a fixed one, so tile sizes,
+// key chunks (and with them every reduction order) are the same whatever at::get_num_threads().
+constexpr int kDeterministicTilingThreads = 8;
+inline int tiling_threads(const AttentionParams& p) {
+  return p.deterministic ? kDeterministicTilingThreads : at::get_num_threads();
+}
 
 inline c10::ScalarType to_scalar_type(DType d) {
   switch (d) {
