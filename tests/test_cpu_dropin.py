@@ -315,3 +315,43 @@ def test_deterministic_results_do_not_depend_on_the_thread_count(causal):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_patch_warns_when_nothing_called_sdpa():
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True).eval()
+    x = rand(2, 7, 32)
+    with pytest.warns(UserWarning, match="set_fastpath_enabled"):
+        with torch.no_grad(), flashattn_ext.patch_sdpa() as patch:
+            layer(x)
+    assert patch.calls == 0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with flashattn_ext.patch_sdpa(warn_if_unused=False):
+            pass
+        with flashattn_ext.patch_sdpa():
+            sdpa_out = F.scaled_dot_product_attention(*qkv())
+    assert sdpa_out.shape == (2, 3, 5, 8)
+
+
+def test_patch_warns_when_checkpointed_calls_recompute_outside_it():
+    from torch.utils.checkpoint import checkpoint
+    q, k, v = qkv(requires_grad=True)
+    attend = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    with pytest.warns(UserWarning, match="activation checkpointing"):
+        with flashattn_ext.patch_sdpa() as patch:
+            out = checkpoint(attend, q, k, v, use_reentrant=False)
+    assert patch.checkpointed_calls == 1
+    # the supported way: installed for the whole step, forward and backward
+    handle = flashattn_ext.patch_sdpa()
+    try:
+        out = checkpoint(attend, q, k, v, use_reentrant=False)
+        out.sum().backward()
+        assert handle.calls == 2  # forward and its recompute
+    finally:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            handle.undo()
+    ref = F.scaled_dot_product_attention(q.detach().double(), k.detach().double(), v.detach().double(), is_causal=True)
+    assert_close(out, ref, torch.float32)
