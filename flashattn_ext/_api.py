@@ -134,6 +134,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out
 
 
+def _sdpa_plain(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """patch_sdpa's fast path: query/key/value already known to be plain, non-nested tensors;
+    anything beyond the commonest case goes through scaled_dot_product_attention."""
+    if (dropout_p or scale is not None or (is_causal and attn_mask is not None) or _deterministic_enabled()
+            or not _batch_agrees(query.shape, key.shape, value.shape, enable_gqa)):
+        return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    try:
+        if is_causal:
+            return _fwd(query, key, value, None, window_right=0)[0]
+        return _fwd(query, key, value, attn_mask)[0]
+    except (ValueError, TypeError) as e:
+        raise translated(e) from None
+
+
 def _bottom_right_causal(query, key, value, dropout_p, scale, enable_gqa):
     """SDPA with a bottom-right aligned causal mask (query i sees key j <= i + S - L): what
     torch.nn.attention.bias.causal_lower_right asks for."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from torch.overrides import handle_torch_function, has_torch_function
 
-from ._api import _bottom_right_causal
+from ._api import _bottom_right_causal, _sdpa_plain
 from ._api import scaled_dot_product_attention as _ours
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -112,14 +112,14 @@ class patch_sdpa:
             # unsupported_reason would accept, decided in a few attribute reads).
             if (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor
                     and (attn_mask is None or type(attn_mask) is _Tensor)
-                    and query.device.type == "cpu" and query.dtype in _DTYPES and (_is_compiling() or _cpu_flash())
+                    and query.is_cpu and query.dtype in _DTYPES and (_is_compiling() or _cpu_flash())
                     and not (query.is_nested or key.is_nested or value.is_nested)
                     and (attn_mask is None or not attn_mask.is_nested)
                     and (_is_compiling() or not _is_batched(query))):
                 patch.calls += 1
                 if not _is_compiling() and _grad_enabled() and _saved_tensors_hooks(False) is not None:
                     patch._note_hooks()
-                return _ours(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+                return _sdpa_plain(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
             if not torch.compiler.is_compiling() and not _fused_backends_enabled(query):
                 # sdpa_kernel([...]) left out every fused backend this call would stand in for:
                 # torch serves it (or raises, as it does without the patch).
