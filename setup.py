@@ -94,7 +94,8 @@ def build_cpu_isa_objects(build_dir, jobs=None):
     import build as emulator_build  # its ninja runner
     sys.path.pop(0)
     # As torch's BuildExtension compiles the baseline sources (Python's -DNDEBUG -fwrapv included).
-    common = ["-std=c++20", "-fPIC", "-DNDEBUG", "-fwrapv"] + CXX_FLAGS + [f"-I{os.path.join(ROOT, 'csrc')}"]
+    # -ffp-contract=off: no implicit FMA (csrc/cpu/scores.h's ScaledExp needs x * f - m rounded twice).
+    common = ["-std=c++20", "-fPIC", "-DNDEBUG", "-fwrapv", "-ffp-contract=off"] + CXX_FLAGS + [f"-I{os.path.join(ROOT, 'csrc')}"]
     common += [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     if hasattr(torch._C, "_GLIBCXX_USE_CXX11_ABI"):
         common.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")

@@ -70,6 +70,9 @@ struct AttentionParams {
   //   i + diag - window_left <= j <= i + diag + window_right,  diag = bottom_right ? seqlen_k - seqlen_q : 0.
   // A negative side is unbounded. Causal is (-1, 0); SDPA aligns it top-left, flash-attn bottom-right.
   int64_t window_left = -1, window_right = -1;
+  // Bitwise reproducible: the CPU kernels pick their tiles as for a fixed thread count (so no
+  // reduction order depends on the intra-op threads); the CUDA backward orders its dQ adds.
+  bool deterministic = false;
   bool bottom_right = false;
 
   // attn_mask, broadcast to the scores through zero strides.
@@ -122,11 +125,12 @@ struct AttentionGradParams : AttentionParams {
   // fp32 accumulator for dQ where a backend needs one (layout is the backend's, size given by it).
   float* dq_accum = nullptr;
   int32_t* dq_semaphore = nullptr;  // CUDA deterministic mode
-  bool deterministic = false;
 
   // Gradient of a float attn_mask, fp32, in the mask's own (unexpanded) shape and strides:
   // contributions of broadcast elements are summed into the one element they read.
   float* dmask = nullptr;
+  // CPU kernels, float64 masks: the gradient accumulated in float64 here instead (dmask stays null).
+  double* dmask64 = nullptr;
   BroadcastView dmask_view;
 };
 

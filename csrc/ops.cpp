@@ -291,6 +291,7 @@ AttentionParams make_params(const at::Tensor& q4, const at::Tensor& k4, const at
   p.window_left = o.window_left >= unbounded_from ? -1 : o.window_left;
   p.window_right = o.window_right >= unbounded_from ? -1 : o.window_right;
   p.bottom_right = o.bottom_right;
+  p.deterministic = o.deterministic;
   p.dropout_p = o.dropout_p;
   if (o.attn_mask && o.attn_mask->defined()) {
     keep_alive.emplace_back();
@@ -483,7 +484,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   }
   at::Tensor dq = allocate_grad(q), dk = allocate_grad(k), dv = allocate_grad(v);
   const bool cuda_kernels = runs_cuda_kernels(q);
-  at::Tensor dmask = at::empty(mask_grad ? o.attn_mask->sizes() : at::IntArrayRef{0}, q.options().dtype(at::kFloat));
+  // dmask accumulates in float32, or in float64 for a float64 mask on the CPU kernels.
+  const bool dmask_f64 = mask_grad && !cuda_kernels && o.attn_mask->scalar_type() == at::kDouble;
+  at::Tensor dmask = at::empty(mask_grad ? o.attn_mask->sizes() : at::IntArrayRef{0},
+                               q.options().dtype(dmask_f64 ? at::kDouble : at::kFloat));
   poison({dq, dk, dv});
   if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0 || out.numel() == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();
@@ -522,7 +526,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       view = dmask_acc.expand(view.sizes());
     }
     keep_alive.push_back(view);
-    p.dmask = view.data_ptr<float>();
+    if (dmask_f64)
+      p.dmask64 = view.data_ptr<double>();
+    else
+      p.dmask = view.data_ptr<float>();
     p.dmask_view = broadcast_view(view);
   }
 

@@ -9,6 +9,8 @@ import torch
 from ._errors import AttentionTypeError, AttentionValueError, translated
 
 _ops = torch.ops.flashattn_ext
+_fwd = _ops.fwd.default
+_deterministic_enabled = torch.are_deterministic_algorithms_enabled
 _Tensor = torch.Tensor
 # Windows at least this wide are unbounded (the op clamps any window >= L + S to -1 as well); a
 # Python int beyond int64 would not reach the op.
@@ -112,16 +114,49 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         for name, x in (("query", query), ("key", key), ("value", value)):
             _check_tensor(name, x, "scaled_dot_product_attention")
         query, key, value = _broadcast_batch(query, key, value, enable_gqa)
-    if window_size is None:
-        left, right = (-1, 0) if is_causal else (-1, -1)
-    else:
-        left, right = _band(is_causal, window_size)
     if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
+        deterministic = _deterministic_enabled()
     try:
-        out, _, _ = _ops.fwd(query, key, value, attn_mask, alibi_slopes=alibi_slopes, dropout_p=float(dropout_p),
-                             scale=scale, window_left=left, window_right=right, softcap=float(softcap),
-                             deterministic=bool(deterministic))
+        if (window_size is None and not dropout_p and scale is None and not softcap and alibi_slopes is None
+                and not deterministic):
+            # Every option at its default: the fewest arguments for the dispatcher to parse.
+            if is_causal:
+                out, _, _ = _fwd(query, key, value, attn_mask, window_right=0)
+            else:
+                out, _, _ = _fwd(query, key, value, attn_mask)
+            return out
+        left, right = _band(is_causal, window_size)
+        out, _, _ = _fwd(query, key, value, attn_mask, alibi_slopes=alibi_slopes, dropout_p=float(dropout_p),
+                         scale=scale, window_left=left, window_right=right, softcap=float(softcap),
+                         deterministic=bool(deterministic))
+    except (ValueError, TypeError) as e:
+        raise translated(e) from None
+    return out
+
+
+def _sdpa_plain(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """patch_sdpa's fast path: query/key/value already known to be plain, non-nested tensors;
+    anything beyond the commonest case goes through scaled_dot_product_attention."""
+    if (dropout_p or scale is not None or (is_causal and attn_mask is not None) or _deterministic_enabled()
+            or not _batch_agrees(query.shape, key.shape, value.shape, enable_gqa)):
+        return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    try:
+        if is_causal:
+            return _fwd(query, key, value, None, window_right=0)[0]
+        return _fwd(query, key, value, attn_mask)[0]
+    except (ValueError, TypeError) as e:
+        raise translated(e) from None
+
+
+def _bottom_right_causal(query, key, value, dropout_p, scale, enable_gqa):
+    """SDPA with a bottom-right aligned causal mask (query i sees key j <= i + S - L): what
+    torch.nn.attention.bias.causal_lower_right asks for."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, x, "scaled_dot_product_attention")
+    q, k, v = _broadcast_batch(query, key, value, enable_gqa)
+    try:
+        out, _, _ = _ops.fwd(q, k, v, None, dropout_p=float(dropout_p), scale=scale, window_left=-1, window_right=0,
+                             bottom_right=True, deterministic=torch.are_deterministic_algorithms_enabled())
     except (ValueError, TypeError) as e:
         raise translated(e) from None
     return out

@@ -226,3 +226,132 @@ def test_huge_finite_scores_stay_finite(dtype, magnitude):
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
     assert torch.isfinite(out).all()
     assert_close(out, ref, dtype)
+
+
+# ---- patch_sdpa: torch's CausalBias masks, sdpa_kernel backend selection ----
+
+@pytest.mark.parametrize("L,S", [(6, 6), (5, 9)])
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+def test_patch_maps_causal_bias_masks(L, S, variant):
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+    make = causal_upper_left if variant == "upper_left" else causal_lower_right
+    q, k, v = (t.requires_grad_() for t in (rand(2, 3, L, 8), rand(2, 3, S, 8), rand(2, 3, S, 8)))
+    bias = make(L, S)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    (gq_ref,) = torch.autograd.grad(ref.sum(), q)
+    with flashattn_ext.patch_sdpa() as patch:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        (gq,) = torch.autograd.grad(out.sum(), q)
+        with pytest.raises(ValueError, match="CausalBias should not be used with causal=True"):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True)
+    assert patch.calls == 1 and not patch.fallbacks
+    assert_close(out, ref.double(), torch.float32)
+    assert_close(gq, gq_ref.double(), torch.float32)
+
+
+def test_patch_honours_sdpa_kernel_backend_selection():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = qkv()
+    with flashattn_ext.patch_sdpa() as patch:
+        with sdpa_kernel(SDPBackend.MATH):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert patch.calls == 0 and sum(patch.fallbacks.values()) == 1
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):  # nothing torch can serve on CPU: torch raises
+            with pytest.raises(RuntimeError):
+                F.scaled_dot_product_attention(q, k, v)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+            F.scaled_dot_product_attention(q, k, v)
+        assert patch.calls == 1
+        F.scaled_dot_product_attention(q, k, v)
+        assert patch.calls == 2
+    assert_close(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True),
+                 torch.float32)
+
+
+def test_patch_dispatches_torch_function_overrides():
+    class Logged(torch.Tensor):
+        seen = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                cls.seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    q, k, v = qkv()
+    with flashattn_ext.patch_sdpa():
+        F.scaled_dot_product_attention(q.as_subclass(Logged), k, v)
+    assert Logged.seen, "the subclass's __torch_function__ was not consulted"
+
+
+def test_float64_mask_gradient_accumulates_in_float64():
+    q, k, v = qkv(L=20, S=30, dtype=torch.float64, requires_grad=True)
+    mask = rand(3, 20, 30, dtype=torch.float64).requires_grad_(True)  # broadcast over the batch: sums
+    out = sdpa(q, k, v, attn_mask=mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    grad = rand(*out.shape, dtype=torch.float64)
+    (g,) = torch.autograd.grad(out, mask, grad)
+    (g_ref,) = torch.autograd.grad(ref, mask, grad)
+    assert g.dtype == torch.float64
+    assert (g - g_ref).abs().max().item() < 1e-12  # float32 accumulation: ~1e-7
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_deterministic_results_do_not_depend_on_the_thread_count(causal):
+    torch.manual_seed(3)
+    q = rand(1, 2, 300, 40, requires_grad=True)
+    k = rand(1, 1, 1100, 40, requires_grad=True)  # 9 key blocks: 4, 8, 9 chunks by thread count before
+    v = rand(1, 1, 1100, 24, requires_grad=True)
+    grad = rand(1, 2, 300, 24)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = sdpa(q, k, v, is_causal=causal, enable_gqa=True, deterministic=True)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_patch_warns_when_nothing_called_sdpa():
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True).eval()
+    x = rand(2, 7, 32)
+    with pytest.warns(UserWarning, match="set_fastpath_enabled"):
+        with torch.no_grad(), flashattn_ext.patch_sdpa() as patch:
+            layer(x)
+    assert patch.calls == 0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with flashattn_ext.patch_sdpa(warn_if_unused=False):
+            pass
+        with flashattn_ext.patch_sdpa():
+            sdpa_out = F.scaled_dot_product_attention(*qkv())
+    assert sdpa_out.shape == (2, 3, 5, 8)
+
+
+def test_patch_warns_when_checkpointed_calls_recompute_outside_it():
+    from torch.utils.checkpoint import checkpoint
+    q, k, v = qkv(requires_grad=True)
+    attend = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    with pytest.warns(UserWarning, match="activation checkpointing"):
+        with flashattn_ext.patch_sdpa() as patch:
+            out = checkpoint(attend, q, k, v, use_reentrant=False)
+    assert patch.checkpointed_calls == 1
+    # the supported way: installed for the whole step, forward and backward
+    handle = flashattn_ext.patch_sdpa()
+    try:
+        out = checkpoint(attend, q, k, v, use_reentrant=False)
+        out.sum().backward()
+        assert handle.calls == 2  # forward and its recompute
+    finally:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            handle.undo()
+    ref = F.scaled_dot_product_attention(q.detach().double(), k.detach().double(), v.detach().double(), is_causal=True)
+    assert_close(out, ref, torch.float32)

@@ -88,7 +88,7 @@ struct TaskSpans {
 
 inline TaskSpans task_spans(const AttentionGradParams& p, const Tiling& t) {
   TaskSpans spans;
-  if (!p.dmask) return spans;
+  if (!p.dmask && !p.dmask64) return spans;
   const int64_t outer = p.batch / p.dmask_view.batch_inner;
   const bool batch_shared = (p.dmask_view.batch_inner > 1 && p.dmask_view.batch_stride == 0) ||
                             (outer > 1 && p.dmask_view.batch_outer_stride == 0);
@@ -162,7 +162,7 @@ void backward_impl(const AttentionGradParams& p) {
   using op_t = typename Policy::op_t;
   using acc_t = typename Policy::acc_t;
   using Vec = Vectorized<acc_t>;
-  const Tiling tiling = backward_tiling(p, at::get_num_threads());
+  const Tiling tiling = backward_tiling(p, tiling_threads(p));
   const int64_t group = p.num_heads / p.num_heads_k;
   const int64_t blocks_per_chunk = ceil_div(tiling.num_n_blocks, tiling.num_chunks);
   const uint32_t keep_threshold = dropout_keep_threshold(p.dropout_p);
@@ -246,7 +246,7 @@ void backward_impl(const AttentionGradParams& p) {
                 apply_dropout_row(p, hc, i, t, keep_threshold, keep_scale, dp_row);
               }
               const Vec v_delta(delta[i]);
-              if (!p.dmask && !cap_row) {  // dS = P ∘ (dP − delta) · scale in one pass
+              if (!p.dmask && !p.dmask64 && !cap_row) {  // dS = P ∘ (dP − delta) · scale in one pass
                 const Vec v_scale(scale);
                 at::vec::map2([&](Vec pv, Vec dpv) { return pv * (dpv - v_delta) * v_scale; }, dp_row, s_row,
                               dp_row, cols);
@@ -255,6 +255,9 @@ void backward_impl(const AttentionGradParams& p) {
                 if (p.dmask) {
                   float* gm = p.dmask + p.dmask_view.offset(b, h, i, col0);
                   for (int64_t j = 0; j < cols; ++j) gm[j * p.dmask_view.col_stride] += static_cast<float>(dp_row[j]);
+                } else if (p.dmask64) {
+                  double* gm = p.dmask64 + p.dmask_view.offset(b, h, i, col0);
+                  for (int64_t j = 0; j < cols; ++j) gm[j * p.dmask_view.col_stride] += static_cast<double>(dp_row[j]);
                 }
                 if (cap_row)
                   at::vec::map2([&](Vec x, Vec g) { return x * g * Vec(scale); }, dp_row, dp_row, cap_row, cols);
@@ -347,7 +350,7 @@ void backward_impl(const AttentionGradParams& p) {
 }  // namespace
 
 int64_t backward_dq_accum_elems(const AttentionGradParams& p) {
-  const Tiling t = backward_tiling(p, at::get_num_threads());
+  const Tiling t = backward_tiling(p, tiling_threads(p));
   if (t.num_chunks == 1) return 0;  // DqMode::kDirect or kTaskLocal
   return t.num_chunks * p.batch * p.num_heads * p.seqlen_q * p.headdim;
 }

@@ -6,7 +6,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <unordered_set>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 // torch's BLAS (MKL on x86 builds), for the GEMMs that do not get a micro-kernel; weak, so a torch
@@ -25,14 +26,14 @@ namespace {
 // oneDNN's brgemm (behind at::native::cpublas::brgemm) generates one micro-kernel per distinct
 // (M, N, K, lda, ldb, ldc, beta) and keeps it for the life of the thread: a server that sees a new
 // sequence length at every step would grow without bound (~0.3 MB per new shape, fwd + bwd). So
-// only a small, fixed set of configurations gets a micro-kernel: every dimension a multiple of 16
-// up to 512 or below 16 (full tiles and head dims; the tile sizes of csrc/cpu/tiling.h are such
+// only a small, fixed set of configurations gets a micro-kernel: every dimension a multiple of 8
+// up to 512 or at most 16 (full tiles and head dims; the tile sizes of csrc/cpu/tiling.h are such
 // values for long sequences), and at most kMaxKernelsPerThread distinct ones per thread. Every
 // other GEMM (edge tiles of odd lengths, odd head dims, past the budget) runs on torch's BLAS,
 // which generates nothing per shape.
-constexpr size_t kMaxKernelsPerThread = 160;
+constexpr size_t kMaxKernelsPerThread = 256;
 
-bool canonical_dim(int64_t x) { return x < 16 || (x % 16 == 0 && x <= 512); }
+bool canonical_dim(int64_t x) { return x <= 16 || (x % 8 == 0 && x <= 512); }
 
 struct KernelKey {
   int64_t m, n, k, lda, ldb, ldc;
@@ -50,18 +51,37 @@ struct KernelKeyHash {
   }
 };
 
-// Whether this GEMM may use (or create) a micro-kernel on this thread. `vnni` keys are separate:
-// they are separate kernels.
+// Whether this GEMM uses a micro-kernel. Decided once per configuration for the whole process (and
+// cached per thread), so every thread takes the same path for the same configuration and results
+// do not depend on which thread ran a tile; at most kMaxKernelsPerThread configurations are
+// admitted, so each thread's micro-kernel cache holds at most that many. `vnni` keys are separate
+// kernels.
 bool admit_micro_kernel(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool accumulate,
                         bool vnni) {
   if (!canonical_dim(M) || !canonical_dim(N) || !canonical_dim(K)) return false;
-  thread_local std::unordered_set<KernelKey, KernelKeyHash> admitted[2];
-  auto& set = admitted[vnni];
+  using Decisions = std::unordered_map<KernelKey, bool, KernelKeyHash>;
+  thread_local Decisions known[2];
   const KernelKey key{M, N, K, lda, ldb, ldc, accumulate};
-  if (set.count(key)) return true;
-  if (set.size() >= kMaxKernelsPerThread) return false;
-  set.insert(key);
-  return true;
+  auto it = known[vnni].find(key);
+  if (it != known[vnni].end()) return it->second;
+  static std::mutex mutex;
+  static Decisions decided[2];
+  static size_t admitted[2] = {0, 0};
+  bool admit;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto d = decided[vnni].find(key);
+    if (d != decided[vnni].end()) {
+      admit = d->second;
+    } else {
+      admit = admitted[vnni] < kMaxKernelsPerThread;
+      admitted[vnni] += admit;
+      // Refusals are remembered too (bounded: beyond a large table, new keys are refused unseen).
+      if (admit || decided[vnni].size() < 65536) decided[vnni].emplace(key, admit);
+    }
+  }
+  if (known[vnni].size() < 65536) known[vnni].emplace(key, admit);
+  return admit;
 }
 
 bool fits_int(int64_t x) { return x <= std::numeric_limits<int>::max(); }

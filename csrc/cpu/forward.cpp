@@ -53,7 +53,7 @@ void forward_impl(const AttentionParams& p) {
   using scalar_t = typename Policy::scalar_t;
   using op_t = typename Policy::op_t;
   using acc_t = typename Policy::acc_t;
-  const Tiling tiling = forward_tiling(p, at::get_num_threads());
+  const Tiling tiling = forward_tiling(p, tiling_threads(p));
   const int64_t heads = p.batch * p.num_heads;
   const int64_t num_tasks = heads * tiling.num_m_blocks;
   const int64_t group = p.num_heads / p.num_heads_k;

@@ -42,13 +42,12 @@ inline Vectorized<float> exp2_fast(const Vectorized<float>& x) {
 #endif
 
 // exp(x * factor - shift), vectorized. fp32 on AVX-512 goes through exp2_fast (times log2(e));
-// (where the compiler contracts x * factor - shift into an FMA on other builds the maximum's term
-// keeps the product's rounding error)
 // elsewhere Sleef's exp (1 ulp). NaN propagates in both. The product is rounded before the shift
 // is subtracted (no fused multiply-add): the shift is a row maximum computed as round(x_max *
 // factor), so the maximum's term is exactly exp(0) = 1 however large the scores (an FMA would leave
 // the product's rounding error, up to ulp(|score|) / 2, in the exponent: 2^±64 at |score| ~ 1e10,
-// and inf / inf = NaN).
+// and inf / inf = NaN). The kernels are compiled with -ffp-contract=off (setup.py) so that no copy
+// fuses the generic x * factor - shift either.
 template <typename T>
 struct ScaledExp {
   Vectorized<T> factor, shift;

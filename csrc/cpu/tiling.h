@@ -3,6 +3,7 @@
 
 #include "cpu/isa.h"
 
+#include <ATen/Parallel.h>
 #include <c10/core/ScalarType.h>
 
 #include <algorithm>
@@ -24,6 +25,13 @@ struct Tiling {
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The thread count the tiles are chosen for: in deterministic mode a fixed one, so tile sizes,
+// key chunks (and with them every reduction order) are the same whatever at::get_num_threads().
+constexpr int kDeterministicTilingThreads = 8;
+inline int tiling_threads(const AttentionParams& p) {
+  return p.deterministic ? kDeterministicTilingThreads : at::get_num_threads();
+}
 
 inline c10::ScalarType to_scalar_type(DType d) {
   switch (d) {
