@@ -130,20 +130,23 @@ void poison_all(std::initializer_list<at::Tensor> ts) {
     if (t.defined() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
-// Runs fn(b) for every sequence: in order, each using every thread; or, with many sequences (where
+// Runs fn(b) for every sequence: in order, each using every thread; or, with many similar sequences (where
 // per-sequence parallel regions would cost more than they share), one sequence per worker, longest
 // first, its kernels then running on that worker alone (a kernel inside a parallel region runs inline).
 template <typename Fn>
 void for_each_sequence(const SeqOffsets& seqs, Fn&& fn) {
   const int64_t batch = seqs.batch();
   const int threads = at::get_num_threads();
-  if (threads <= 1 || batch < 4 * threads) {
+  const auto work = [&](int64_t b) { return (seqs.q[b + 1] - seqs.q[b]) * (seqs.k[b + 1] - seqs.k[b]); };
+  int64_t total = 0, largest = 0;
+  for (int64_t b = 0; b < batch; ++b) total += work(b), largest = std::max(largest, work(b));
+  // One per worker only when that balances: many sequences, none above half a worker's share.
+  if (threads <= 1 || batch < 4 * threads || largest * 2 * threads > total) {
     for (int64_t b = 0; b < batch; ++b) fn(b);
     return;
   }
   std::vector<int64_t> order(batch);
   std::iota(order.begin(), order.end(), 0);
-  const auto work = [&](int64_t b) { return (seqs.q[b + 1] - seqs.q[b]) * (seqs.k[b + 1] - seqs.k[b]); };
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return work(x) > work(y); });
   cpu::run_workers(batch, [&](auto next) {
     for (int64_t i; (i = next()) >= 0;) fn(order[i]);
