@@ -18,9 +18,11 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <numeric>
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/parallel.h"
 #include "ops.h"
 
 namespace flashattn {
@@ -128,6 +130,29 @@ void poison_all(std::initializer_list<at::Tensor> ts) {
     if (t.defined() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
+// Runs fn(b) for every sequence: in order, each using every thread; or, with many similar sequences (where
+// per-sequence parallel regions would cost more than they share), one sequence per worker, longest
+// first, its kernels then running on that worker alone (a kernel inside a parallel region runs inline).
+template <typename Fn>
+void for_each_sequence(const SeqOffsets& seqs, Fn&& fn) {
+  const int64_t batch = seqs.batch();
+  const int threads = at::get_num_threads();
+  const auto work = [&](int64_t b) { return (seqs.q[b + 1] - seqs.q[b]) * (seqs.k[b + 1] - seqs.k[b]); };
+  int64_t total = 0, largest = 0;
+  for (int64_t b = 0; b < batch; ++b) total += work(b), largest = std::max(largest, work(b));
+  // One per worker only when that balances: many sequences, none above half a worker's share.
+  if (threads <= 1 || batch < 4 * threads || largest * 2 * threads > total) {
+    for (int64_t b = 0; b < batch; ++b) fn(b);
+    return;
+  }
+  std::vector<int64_t> order(batch);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return work(x) > work(y); });
+  cpu::run_workers(batch, [&](auto next) {
+    for (int64_t i; (i = next()) >= 0;) fn(order[i]);
+  });
+}
+
 at::Tensor alibi_of(const AttentionOptions& o) {
   return o.alibi_slopes && o.alibi_slopes->defined() ? o.alibi_slopes->contiguous() : at::Tensor();
 }
@@ -156,13 +181,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, c
   const AttentionParams base = base_params(q, k, v, o);
   // The kernels write lse (1, heads, len) contiguous per sequence: sequence b's block starts at heads * start.
   at::Tensor lse_blocks = at::empty({heads * total_q}, lse.options());
-  for (int64_t b = 0; b < seqs.batch(); ++b) {
+  for_each_sequence(seqs, [&](int64_t b) {
     const int64_t sq = seqs.q[b], lq = seqs.q[b + 1] - sq, sk = seqs.k[b], lk = seqs.k[b + 1] - sk;
-    if (lq == 0) continue;
+    if (lq == 0) return;
     if (lk == 0) {  // no key: out = 0, lse = -inf
       out.narrow(0, sq, lq).zero_();
       lse.narrow(1, sq, lq).fill_(-std::numeric_limits<double>::infinity());
-      continue;
+      return;
     }
     AttentionParams p = base;
     set_sequence(p, alibi, b, seed, offset);
@@ -181,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, c
       p.lse = block.data_ptr<float>();
     cpu::forward(p);
     lse.narrow(1, sq, lq).copy_(block.view({heads, lq}));
-  }
+  });
   return {out, lse, rng_state};
 }
 
@@ -216,13 +241,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(const at::Tensor& grad
   AttentionGradParams base;
   static_cast<AttentionParams&>(base) = base_params(q, k, v, o);
   base.deterministic = o.deterministic;
-  for (int64_t b = 0; b < seqs.batch(); ++b) {
+  for_each_sequence(seqs, [&](int64_t b) {
     const int64_t sq = seqs.q[b], lq = seqs.q[b + 1] - sq, sk = seqs.k[b], lk = seqs.k[b + 1] - sk;
     if (lq == 0 || lk == 0) {  // nothing attends: the gradients of these rows are 0
       dq.narrow(0, sq, lq).zero_();
       dk.narrow(0, sk, lk).zero_();
       dv.narrow(0, sk, lk).zero_();
-      continue;
+      return;
     }
     AttentionGradParams p = base;
     set_sequence(p, alibi, b, seed, offset);
@@ -252,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(const at::Tensor& grad
       p.dq_accum = static_cast<float*>(dq_accum.data_ptr());
     }
     cpu::backward(p);
-  }
+  });
   return {dq, dk, dv};
 }
 

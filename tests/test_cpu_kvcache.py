@@ -219,3 +219,16 @@ def test_kvcache_bad_inputs_name_the_argument(args, match):
     q, kc, vc = args.pop("q"), args.pop("k_cache"), args.pop("v_cache")
     with pytest.raises((ValueError, TypeError), match=match):
         flashattn_ext.flash_attn_with_kvcache(q, kc, vc, **args)
+
+
+def test_kvcache_under_compile_mutates_the_caches():
+    q, k_cache, v_cache, k, v, cache_seqlens = make_case(torch.float32, B=2, S=64, Hq=4, Hk=2, D=16)
+    kc_eager, vc_eager = k_cache.clone(), v_cache.clone()
+    ref = flashattn_ext.flash_attn_with_kvcache(q, kc_eager, vc_eager, k, v, cache_seqlens=cache_seqlens, causal=True)
+
+    def step(q, kc, vc, k, v):
+        return flashattn_ext.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=cache_seqlens, causal=True)
+
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k_cache, v_cache, k, v)
+    assert torch.equal(out, ref)
+    assert torch.equal(k_cache, kc_eager) and torch.equal(v_cache, vc_eager)

@@ -54,6 +54,159 @@ struct DecodeWorkspace {
   }
 };
 
+// Few query rows per kv head (up to kDirectRows: one-token decode with GQA groups up to 8, or
+// multi-head): GEMMs would spend more time packing K and V into operand layouts than multiplying,
+// and one kv head's rows are small strided pieces of the cache. So a task takes one (batch, split)
+// with all its heads and walks the cache key by key, each key row (all kv heads, contiguous) read
+// once, widened to fp32 in L1 and dotted with / accumulated into every query row of its group.
+constexpr int64_t kDirectRows = 8;
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  Vec acc0(0.f), acc1(0.f);
+  int64_t x = 0;
+  for (; x + 2 * W <= n; x += 2 * W) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + x + W), Vec::loadu(b + x + W), acc1);
+  }
+  for (; x + W <= n; x += W) acc0 = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc0);
+  float sum = at::vec::vec_reduce_all<float>([](Vec u, Vec w) { return u + w; }, acc0 + acc1);
+  for (; x < n; ++x) sum += a[x] * b[x];
+  return sum;
+}
+
+inline void axpy_f32(float alpha, const float* x, float* y, int64_t n) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(alpha);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// The direct kernel is bound by how many cache lines one core keeps in flight: it asks for the
+// K rows a few keys ahead, and for the V rows of a tile while it computes that tile's scores.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+constexpr int64_t kPrefetchKeys = 2;
+
+template <typename scalar_t>
+void decode_direct(const KvCacheParams& kp) {
+  const AttentionParams& a = kp.attn;
+  const int64_t Hk = a.num_heads_k, group = a.num_heads / Hk, seqlen_q = a.seqlen_q, R = group * seqlen_q;
+  const int64_t all_rows = Hk * R, D = a.headdim, Dv = a.headdim_v, num_splits = kp.num_splits;
+  int64_t block_n = std::clamp<int64_t>(32768 / std::max<int64_t>(1, Hk * std::max(D, Dv)), 8, 64);
+  if (kp.block_table) block_n = std::min(block_n, kp.page_block_size);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+  run_workers(a.batch * num_splits, [&](auto next) {
+    std::vector<float> q_f(all_rows * D), s(all_rows * block_n), o(all_rows * Dv), row_max(all_rows),
+        row_sum(all_rows), k_f(D), v_f(Dv);
+    std::vector<HeadContext> heads(a.num_heads);
+    for (int64_t task; (task = next()) >= 0;) {
+      const int64_t split = task / a.batch, b = task % a.batch;
+      AttentionParams ps = a;
+      ps.seqlen_k = kp.seqlens_k[b];
+      for (int64_t h = 0; h < a.num_heads; ++h) heads[h] = head_context(ps, b, h);
+      // Row rr = hk · R + g · seqlen_q + i holds query head hk · group + g at token i.
+      for (int64_t rr = 0; rr < all_rows; ++rr) {
+        const int64_t h = rr / seqlen_q, i = rr % seqlen_q;  // hk * group + g == rr / seqlen_q
+        widen_row(static_cast<const scalar_t*>(a.q) + b * a.q_batch_stride + h * a.q_head_stride + i * a.q_row_stride,
+                  D, q_f.data() + rr * D);
+      }
+      const int64_t cache_b = kp.cache_batch_idx ? kp.cache_batch_idx[b] : b;
+      const int64_t first = kp.leftpad ? kp.leftpad[b] : 0;
+      auto key_offset = [&](int64_t j, int64_t batch_stride, int64_t row_stride) -> int64_t {
+        if (kp.block_table) {
+          const int64_t page = kp.block_table[b * kp.block_table_batch_stride + j / kp.page_block_size];
+          return page * batch_stride + (j % kp.page_block_size) * row_stride;
+        }
+        return cache_b * batch_stride + (first + j) * row_stride;
+      };
+      const int64_t lo = band_key_begin(ps, 0), hi = band_key_end(ps, seqlen_q - 1);
+      const int64_t blocks = lo < hi ? ceil_div(hi - lo, block_n) : 0;
+      const int64_t per_split = ceil_div(blocks, num_splits);
+      const int64_t begin = std::min(hi, lo + split * per_split * block_n);
+      const int64_t end = std::min(hi, lo + (split + 1) * per_split * block_n);
+      std::fill(row_max.begin(), row_max.end(), kNegInf);
+      std::fill(row_sum.begin(), row_sum.end(), 0.f);
+      std::fill(o.begin(), o.end(), 0.f);
+
+      for (int64_t col0 = begin, cols; col0 < end; col0 += cols) {
+        cols = std::min(block_n, end - col0);
+        if (kp.block_table) cols = std::min(cols, kp.page_block_size - col0 % kp.page_block_size);
+        const TileShape t{0, seqlen_q, col0, cols};
+        const TileMasking tm = tile_masking(ps, heads[0], t);
+        if (!tm.visible) continue;
+        // S: key rows in memory order (all kv heads of key j are adjacent).
+        for (int64_t jj = 0; jj < cols; ++jj) {
+          const scalar_t* k_row = static_cast<const scalar_t*>(a.k) + key_offset(col0 + jj, a.k_batch_stride, a.k_row_stride);
+          const scalar_t* v_row = static_cast<const scalar_t*>(a.v) + key_offset(col0 + jj, a.v_batch_stride, a.v_row_stride);
+          const int64_t ahead = col0 + jj + kPrefetchKeys;
+          const scalar_t* k_ahead =
+              ahead < end ? static_cast<const scalar_t*>(a.k) + key_offset(ahead, a.k_batch_stride, a.k_row_stride) : nullptr;
+          for (int64_t hk = 0; hk < Hk; ++hk) {
+            if (k_ahead) prefetch_bytes(k_ahead + hk * a.k_head_stride, D * static_cast<int64_t>(sizeof(scalar_t)));
+            prefetch_bytes(v_row + hk * a.v_head_stride, Dv * static_cast<int64_t>(sizeof(scalar_t)));
+            const scalar_t* kj = k_row + hk * a.k_head_stride;
+            const float* kf;
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              kf = kj;
+            } else {
+              widen_row(kj, D, k_f.data());
+              kf = k_f.data();
+            }
+            for (int64_t r = hk * R; r < (hk + 1) * R; ++r) s[r * cols + jj] = dot_f32(q_f.data() + r * D, kf, D);
+          }
+        }
+        for (int64_t rr = 0; rr < all_rows; ++rr) {
+          float* s_row = s.data() + rr * cols;
+          make_score_row(ps, heads[rr / seqlen_q], rr % seqlen_q, t, tm, s_row);
+          online_softmax_row(s_row, cols, pending_scale<float>(ps, tm), row_max[rr], row_sum[rr], o.data() + rr * Dv, Dv);
+        }
+        // O += P V, again key rows in memory order.
+        for (int64_t jj = 0; jj < cols; ++jj) {
+          const scalar_t* v_row = static_cast<const scalar_t*>(a.v) + key_offset(col0 + jj, a.v_batch_stride, a.v_row_stride);
+          for (int64_t hk = 0; hk < Hk; ++hk) {
+            const scalar_t* vj = v_row + hk * a.v_head_stride;
+            const float* vf;
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              vf = vj;
+            } else {
+              widen_row(vj, Dv, v_f.data());
+              vf = v_f.data();
+            }
+            for (int64_t r = hk * R; r < (hk + 1) * R; ++r) {
+              const float pr = s[r * cols + jj];
+              if (pr != 0.f) axpy_f32(pr, vf, o.data() + r * Dv, Dv);
+            }
+          }
+        }
+      }
+      for (int64_t rr = 0; rr < all_rows; ++rr) {
+        const int64_t h = rr / seqlen_q, i = rr % seqlen_q;
+        float* o_row = o.data() + rr * Dv;
+        const float sum = row_sum[rr];
+        const float inv = sum > 0 ? 1.f / sum : 0.f;
+        for (int64_t x = 0; x < Dv; ++x) o_row[x] *= inv;
+        const float lse = sum > 0 ? row_max[rr] + std::log(sum) : kNegInf;
+        const int64_t row_index = (b * a.num_heads + h) * seqlen_q + i;
+        if (num_splits == 1) {
+          store_row(o_row, Dv, static_cast<scalar_t*>(a.out) + b * a.o_batch_stride + h * a.o_head_stride + i * a.o_row_stride);
+          a.lse[row_index] = lse;
+        } else {
+          const int64_t part = split * a.batch * a.num_heads * seqlen_q + row_index;
+          std::copy(o_row, o_row + Dv, static_cast<float*>(kp.partial_out) + part * Dv);
+          static_cast<float*>(kp.partial_lse)[part] = lse;
+        }
+      }
+    }
+  });
+}
+
 template <typename Policy>
 void decode_impl(const KvCacheParams& kp) {
   using scalar_t = typename Policy::scalar_t;
@@ -65,7 +218,14 @@ void decode_impl(const KvCacheParams& kp) {
   const int64_t block_n = kp.block_table ? std::min(kBlockN, kp.page_block_size) : kBlockN;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-  run_workers(kv_tasks * num_splits, [&](auto next) {
+  bool done = false;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (rows <= kDirectRows) {
+      decode_direct<scalar_t>(kp);
+      done = true;
+    }
+  }
+  if (!done) run_workers(kv_tasks * num_splits, [&](auto next) {
     DecodeWorkspace<Policy> ws(a, rows, group, block_n);
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t split = task / kv_tasks, b = (task % kv_tasks) / a.num_heads_k, hk = task % a.num_heads_k;
@@ -200,7 +360,9 @@ int64_t decode_num_splits(const KvCacheParams& p, int64_t max_seqlen_k, int64_t 
   const int64_t blocks = std::max<int64_t>(1, ceil_div(max_seqlen_k, block_n));
   if (requested > 0) return std::clamp<int64_t>(requested, 1, std::min<int64_t>(128, blocks));
   // Enough tasks for every thread (4 per thread balance uneven lengths), each split >= 2 tiles.
-  const int64_t tasks = std::max<int64_t>(1, p.attn.batch * p.attn.num_heads_k);
+  const AttentionParams& a = p.attn;
+  const bool direct = a.dtype != DType::kFloat64 && (a.num_heads / std::max<int64_t>(1, a.num_heads_k)) * a.seqlen_q <= kDirectRows;
+  const int64_t tasks = std::max<int64_t>(1, direct ? a.batch : a.batch * a.num_heads_k);  // decode_direct: all heads per task
   const int64_t want = ceil_div(4 * threads, tasks);
   return std::clamp<int64_t>(want, 1, std::max<int64_t>(1, std::min<int64_t>(128, blocks / 2)));
 }
