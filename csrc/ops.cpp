@@ -397,6 +397,16 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
 }
 DType kernel_dtype(at::ScalarType t) { return dtype_of(t); }
 
+void run_cpu_backward(AttentionGradParams& p, const at::TensorOptions& q_options) {
+  const int64_t accum = cpu::backward_dq_accum_elems(p);
+  at::Tensor dq_accum;  // the dQ partial sums of the key chunks, in the accumulation type
+  if (accum > 0) {
+    dq_accum = at::empty({accum}, q_options.dtype(p.dtype == DType::kFloat64 ? at::kDouble : at::kFloat));
+    p.dq_accum = static_cast<float*>(dq_accum.data_ptr());
+  }
+  cpu::backward(p);
+}
+
 void set_poison_outputs(bool on) { g_poison.store(on); }
 bool poison_outputs() { return g_poison.load(); }
 
@@ -535,13 +545,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
   if (!cuda_kernels) {
     if (mask_grad && !dmask_acc.defined()) dmask.zero_();  // the CPU kernels accumulate into it
-    const int64_t accum = cpu::backward_dq_accum_elems(p);
-    at::Tensor dq_accum;
-    if (accum > 0) {
-      dq_accum = at::empty({accum}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-      p.dq_accum = static_cast<float*>(dq_accum.data_ptr());
-    }
-    cpu::backward(p);
+    run_cpu_backward(p, q.options());
   } else {
     cuda_kernels_backward(p, q, lse_c, rng_state);
   }

@@ -43,6 +43,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bwd_op(
 void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& o);
 DType kernel_dtype(at::ScalarType t);
 
+// The CPU backward on checked params, with its dQ accumulation buffer (q_options: device/dtype of q).
+void run_cpu_backward(AttentionGradParams& p, const at::TensorOptions& q_options);
+
 // Debug switch for tests: fill every output buffer with NaN before the kernels run.
 void set_poison_outputs(bool on);
 bool poison_outputs();

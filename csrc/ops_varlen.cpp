@@ -270,13 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(const at::Tensor& grad
       p.lse64 = lse_seq.data_ptr<double>();
     else
       p.lse = const_cast<float*>(lse_seq.data_ptr<float>());
-    const int64_t accum = cpu::backward_dq_accum_elems(p);
-    at::Tensor dq_accum;
-    if (accum > 0) {
-      dq_accum = at::empty({accum}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-      p.dq_accum = static_cast<float*>(dq_accum.data_ptr());
-    }
-    cpu::backward(p);
+    run_cpu_backward(p, q.options());
   });
   return {dq, dk, dv};
 }

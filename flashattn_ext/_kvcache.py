@@ -3,6 +3,8 @@ normalisation only; csrc/ops_kvcache.cpp validates every input once and appends 
 
 import torch
 
+from ._api import _band
+
 _ops = torch.ops.flashattn_ext
 
 
@@ -25,7 +27,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    left, right = (-1, -1) if window_size is None else (int(window_size[0]), int(window_size[1]))
+    left, right = _band(False, window_size, "flash_attn_with_kvcache")  # validated as everywhere; causal is the op's
     out, lse = _ops.fwd_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                 cache_leftpad, block_table, softmax_scale, bool(causal), left, right, float(softcap),
                                 bool(rotary_interleaved), alibi_slopes, int(num_splits))

@@ -28,7 +28,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if block_table is not None:
         raise NotImplementedError("flashattn_ext.flash_attn_varlen_func: block_table (paged K/V) is not supported "
                                   "yet; use flash_attn_with_kvcache for a paged cache")
-    left, right = _band(causal, window_size)
+    left, right = _band(causal, window_size, "flash_attn_varlen_func")
     out, lse, _ = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                   alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), scale=softmax_scale,
                                   window_left=left, window_right=right, bottom_right=True, softcap=float(softcap),

@@ -5,7 +5,6 @@
 // sets up its scratch once and then calls next() until it returns -1.
 #pragma once
 
-#include "cpu/isa.h"
 
 #include <ATen/Parallel.h>
 
@@ -13,7 +12,8 @@
 #include <atomic>
 #include <cstdint>
 
-namespace flashattn::cpu::CPU_CAPABILITY {
+// ISA-neutral (no vector code): used by the per-ISA kernels and by the op layer (ops_varlen.cpp).
+namespace flashattn::cpu {
 
 template <typename Worker>
 void run_workers(int64_t num_tasks, Worker&& worker) {
@@ -29,4 +29,4 @@ void run_workers(int64_t num_tasks, Worker&& worker) {
   });
 }
 
-}  // namespace flashattn::cpu::CPU_CAPABILITY
+}  // namespace flashattn::cpu
