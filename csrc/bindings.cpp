@@ -41,6 +41,8 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flashattn_ext compiled core: dispatcher ops flashattn_ext::fwd / bwd / dropout_mask";
   m.def("build_info", &build_info, "What this build contains: devices, dtypes, features, CUDA archs.");
+  m.def("block_mask_range", &flashattn::block_mask_range,
+        "(min, max) of an int32 block_mask, remembered for the tensor's current version (BlockSparseMask).");
   m.def("set_poison_outputs", &flashattn::set_poison_outputs,
         "Testing: fill every output buffer with NaN before the kernels write it.");
   m.def("poison_outputs", &flashattn::poison_outputs);

@@ -10,6 +10,7 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -181,11 +182,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     }
     if (bt == at::kInt && bm.numel() > 0) {
       const int64_t num_masks = has_elem ? o.block_elem_masks->size(0) : 0;
-      const auto [lo, hi] = at::aminmax(bm);
-      TORCH_CHECK_VALUE(lo.item<int>() >= -2 && hi.item<int>() < num_masks,
+      const auto [lo, hi] = block_mask_range(bm);
+      TORCH_CHECK_VALUE(lo >= -2 && hi < num_masks,
                         "flashattn_ext: int32 block_mask entries must be -1 (empty), -2 (full) or an index into "
-                        "block_elem_masks (", num_masks, " masks), got values in [", lo.item<int>(), ", ",
-                        hi.item<int>(), "]");
+                        "block_elem_masks (", num_masks, " masks), got values in [", lo, ", ", hi, "]");
     }
   }
 }
@@ -405,6 +405,46 @@ void run_cpu_backward(AttentionGradParams& p, const at::TensorOptions& q_options
     p.dq_accum = static_cast<float*>(dq_accum.data_ptr());
   }
   cpu::backward(p);
+}
+
+namespace {
+
+// The values of an int32 block_mask read once per tensor version: reading them is a device sync on
+// CUDA (and illegal under graph capture), so BlockSparseMask reads its blocks when it is made
+// (flashattn_ext._C.block_mask_range) and every later call with that tensor, unmodified, finds the
+// range here. Weak references: a freed tensor's entry can never match a new one; bounded.
+struct KnownRange {
+  c10::weak_intrusive_ptr<c10::TensorImpl> impl;
+  uint32_t version;
+  std::pair<int64_t, int64_t> range;
+};
+constexpr size_t kKnownRanges = 64;
+std::mutex g_known_mutex;
+std::vector<KnownRange> g_known;
+
+}  // namespace
+
+std::pair<int64_t, int64_t> block_mask_range(const at::Tensor& bm) {
+  const bool tracked = !bm.is_inference();  // inference tensors have no version counter
+  if (tracked) {
+    const uint32_t version = bm.unsafeGetTensorImpl()->version_counter().current_version();
+    std::lock_guard<std::mutex> lock(g_known_mutex);
+    for (const KnownRange& e : g_known) {
+      auto impl = e.impl.lock();
+      if (impl.get() == bm.unsafeGetTensorImpl() && e.version == version) return e.range;
+    }
+  }
+  const auto [lo_t, hi_t] = at::aminmax(bm);
+  const std::pair<int64_t, int64_t> range{lo_t.item<int64_t>(), hi_t.item<int64_t>()};
+  if (tracked) {
+    std::lock_guard<std::mutex> lock(g_known_mutex);
+    g_known.erase(std::remove_if(g_known.begin(), g_known.end(), [](const KnownRange& e) { return e.impl.expired(); }),
+                  g_known.end());
+    if (g_known.size() >= kKnownRanges) g_known.erase(g_known.begin());
+    g_known.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(bm.getIntrusivePtr()),
+                       bm.unsafeGetTensorImpl()->version_counter().current_version(), range});
+  }
+  return range;
 }
 
 void set_poison_outputs(bool on) { g_poison.store(on); }

@@ -46,6 +46,9 @@ DType kernel_dtype(at::ScalarType t);
 // The CPU backward on checked params, with its dQ accumulation buffer (q_options: device/dtype of q).
 void run_cpu_backward(AttentionGradParams& p, const at::TensorOptions& q_options);
 
+// (min, max) of an int32 block_mask, read once per tensor version (a device sync on CUDA).
+std::pair<int64_t, int64_t> block_mask_range(const at::Tensor& bm);
+
 // Debug switch for tests: fill every output buffer with NaN before the kernels run.
 void set_poison_outputs(bool on);
 bool poison_outputs();

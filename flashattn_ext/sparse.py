@@ -17,6 +17,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from ._errors import AttentionTypeError, AttentionValueError
+
 DEFAULT_BLOCK_SIZE = (128, 128)
 EMPTY, FULL = -1, -2
 
@@ -32,6 +34,21 @@ class BlockSparseMask:
     block_size: Tuple[int, int]
     seqlen_q: int
     seqlen_k: int
+
+    def __post_init__(self):
+        # The range check of the blocks' values happens here, once: the op layer finds this
+        # tensor's range remembered (flashattn_ext._C.block_mask_range) instead of reading the
+        # values at every call, which on CUDA is a host sync and illegal under graph capture.
+        if not isinstance(self.blocks, torch.Tensor) or self.blocks.dtype != torch.int32:
+            raise AttentionTypeError(f"BlockSparseMask: blocks must be an int32 tensor, got "
+                                     f"{getattr(self.blocks, 'dtype', type(self.blocks).__name__)}")
+        num_masks = 0 if self.element_masks is None else self.element_masks.shape[0]
+        if self.blocks.numel():
+            from . import _C
+            lo, hi = _C.block_mask_range(self.blocks)
+            if lo < EMPTY - 1 or hi >= num_masks:
+                raise AttentionValueError(f"BlockSparseMask: blocks must be -1 (empty), -2 (full) or an index into "
+                                          f"element_masks ({num_masks} masks), got values in [{lo}, {hi}]")
 
     @classmethod
     def from_blocks(cls, kept, seqlen_q, seqlen_k, block_size=DEFAULT_BLOCK_SIZE):

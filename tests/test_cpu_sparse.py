@@ -143,7 +143,28 @@ def test_bad_block_masks():
         flashattn_ext.block_sparse_attention(q, k, v, torch.ones(1, 1, 3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="was built for"):
         flashattn_ext.block_sparse_attention(q, k, v, sparse.causal_block_mask(L, L))
-    bad = sparse.causal_block_mask(L, S, (64, 64))
-    bad = sparse.BlockSparseMask(bad.blocks + 5, bad.element_masks, bad.block_size, L, S)
+    good = sparse.causal_block_mask(L, S, (64, 64))
+    with pytest.raises(ValueError, match="BlockSparseMask: blocks must be -1"):
+        sparse.BlockSparseMask(good.blocks + 5, good.element_masks, good.block_size, L, S)
+    with pytest.raises(TypeError, match="int32"):
+        sparse.BlockSparseMask(good.blocks.long(), good.element_masks, good.block_size, L, S)
+    # the raw op checks an int32 block_mask it has not seen
     with pytest.raises(ValueError, match="int32 block_mask entries"):
-        flashattn_ext.block_sparse_attention(q, k, v, bad)
+        torch.ops.flashattn_ext.fwd(q, k, v, block_mask=good.blocks + 5, sparse_block_m=64, sparse_block_n=64)
+
+
+def test_block_mask_values_read_once_per_version():
+    """BlockSparseMask reads its blocks' range when made; calls with it do not read the values
+    again (a host sync on CUDA, illegal under graph capture) until the tensor is modified."""
+    q, k, v = rand(1, 2, L, 16), rand(1, 2, S, 16), rand(1, 2, S, 16)
+    mask = sparse.causal_block_mask(L, S, (64, 64))
+
+    def ops_run():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            flashattn_ext.block_sparse_attention(q, k, v, mask)
+        return {e.name for e in prof.events()}
+
+    assert "aten::aminmax" not in ops_run()
+    mask.blocks[0, 0, 0, 0] = 7  # in place: a new version, read (and refused) again
+    with pytest.raises(ValueError, match="int32 block_mask entries"):
+        flashattn_ext.block_sparse_attention(q, k, v, mask)
