@@ -12,16 +12,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flashattn_ext
+from timing import median_time  # noqa: E402  (benchmarks/timing.py)
 
 VARIANTS = ("flashattn_ext", "torch_flash", "torch_math")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -40,17 +39,6 @@ def make_inputs(B, H, L, D, dtype, seed=0):
     q, k, v = (torch.randn(B, H, L, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
     grad = torch.randn(B, H, L, D, generator=g).to(dtype)
     return q, k, v, grad
-
-
-def median_time(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def time_config(B, H, L, D, dtype, causal, repeats, variants):

@@ -16,27 +16,15 @@ sequence), bf16, causal.
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import flashattn_ext
+from timing import median_time  # noqa: E402  (benchmarks/timing.py)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def median_time(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def read_bandwidth(repeats, gib=1.0):

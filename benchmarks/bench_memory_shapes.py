@@ -20,6 +20,7 @@ import time
 import torch
 
 import flashattn_ext
+from timing import median_time  # noqa: E402  (benchmarks/timing.py)
 
 
 def rss_mb():
@@ -32,7 +33,6 @@ SPEED_SHAPES = [  # (B, H, L, D): training shapes, then lengths that leave edge 
 
 
 def speed(repeats):
-    import statistics
 
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -52,13 +52,7 @@ def speed(repeats):
                             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                                 out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
                         torch.autograd.grad(out.sum(), (q, k, v))
-                    run()
-                    ts = []
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        run()
-                        ts.append(time.perf_counter() - t0)
-                    row.append(1e3 * statistics.median(ts))
+                    row.append(1e3 * median_time(run, repeats))
                 print(f"  {str(dtype).split('.')[1]:<8} B={B} H={H} L=S={L:<5} D={D} causal={int(causal)}: "
                       f"ours {row[0]:9.3f}  torch {row[1]:9.3f}")
 
