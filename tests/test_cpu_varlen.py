@@ -215,3 +215,17 @@ def test_many_short_sequences_one_per_worker(dtype):
     refs = torch.autograd.grad(ref, (qd, kd, vd), g_out.double())
     for name, a, b in zip(("dq", "dk", "dv"), ours, refs):
         assert_close(a, b, dtype, name)
+
+
+def test_autocast_casts_like_sdpa():
+    """Under torch.autocast a varlen call casts floating q/k/v to the autocast dtype (as SDPA and
+    the dense op do): fp32 q/k with a bf16 v run, and give bf16."""
+    lens = [5, 0, 9]
+    q, k = rand(sum(lens), 4, 16), rand(sum(lens), 2, 16)
+    v = rand(sum(lens), 2, 16).to(torch.bfloat16)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = flashattn_ext.flash_attn_varlen_func(q, k, v, cu(lens), cu(lens), max(lens), max(lens), causal=True)
+    assert out.dtype == torch.bfloat16
+    same = flashattn_ext.flash_attn_varlen_func(q.bfloat16(), k.bfloat16(), v, cu(lens), cu(lens), max(lens),
+                                                max(lens), causal=True)
+    assert torch.equal(out, same)
