@@ -103,31 +103,47 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     alibi_slopes: float32 (Hq,) or (N, Hq): adds -slope * |i + S - L - j| to the scores.
     deterministic: bitwise reproducible backward (default: torch.are_deterministic_algorithms_enabled()).
     """
+    if (window_size is None and not dropout_p and scale is None and not softcap and alibi_slopes is None
+            and not (attn_mask is not None and is_causal)
+            and type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor
+            and not (query.is_nested or key.is_nested or value.is_nested)
+            and _batch_agrees(query.shape, key.shape, value.shape, enable_gqa)
+            and not (_deterministic_enabled() if deterministic is None else deterministic)):
+        # Fast path: plain tensors whose batch dims already agree, every option at its default: the
+        # fewest arguments for the dispatcher to parse (the op checks everything else).
+        try:
+            if is_causal:
+                return _fwd(query, key, value, attn_mask, window_right=0)[0]
+            return _fwd(query, key, value, attn_mask)[0]
+        except (ValueError, TypeError) as e:
+            raise translated(e) from None
+    return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
+                      alibi_slopes, deterministic)
+
+
+def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
+               alibi_slopes, deterministic, *, block_mask=None, block_elem_masks=None, block_size=(128, 128),
+               fn="scaled_dot_product_attention"):
+    """The one SDPA-convention core (scaled_dot_product_attention, block_sparse_attention): checks
+    and broadcasts query/key/value, maps is_causal / window_size to the top-left band, calls the op
+    and translates its errors."""
     if attn_mask is not None and is_causal:
-        raise AttentionValueError("flashattn_ext: _scaled_dot_product_attention: Explicit attn_mask should not be "
+        raise AttentionValueError(f"flashattn_ext: {fn}: Explicit attn_mask should not be "
                                   "set when is_causal=True (pass either attn_mask or is_causal)")
-    # Fast path: plain tensors whose batch dims already agree (the common case) go straight to the
-    # op, which checks everything else; anything else is checked and broadcast here.
     if not (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor
             and not (query.is_nested or key.is_nested or value.is_nested)
             and _batch_agrees(query.shape, key.shape, value.shape, enable_gqa)):
         for name, x in (("query", query), ("key", key), ("value", value)):
-            _check_tensor(name, x, "scaled_dot_product_attention")
+            _check_tensor(name, x, fn)
         query, key, value = _broadcast_batch(query, key, value, enable_gqa)
     if deterministic is None:
         deterministic = _deterministic_enabled()
+    left, right = _band(is_causal, window_size, fn)
     try:
-        if (window_size is None and not dropout_p and scale is None and not softcap and alibi_slopes is None
-                and not deterministic):
-            # Every option at its default: the fewest arguments for the dispatcher to parse.
-            if is_causal:
-                out, _, _ = _fwd(query, key, value, attn_mask, window_right=0)
-            else:
-                out, _, _ = _fwd(query, key, value, attn_mask)
-            return out
-        left, right = _band(is_causal, window_size)
-        out, _, _ = _fwd(query, key, value, attn_mask, alibi_slopes=alibi_slopes, dropout_p=float(dropout_p),
-                         scale=scale, window_left=left, window_right=right, softcap=float(softcap),
+        out, _, _ = _fwd(query, key, value, attn_mask, alibi_slopes=alibi_slopes, block_mask=block_mask,
+                         block_elem_masks=block_elem_masks, dropout_p=float(dropout_p), scale=scale,
+                         window_left=left, window_right=right, softcap=float(softcap),
+                         sparse_block_m=int(block_size[0]), sparse_block_n=int(block_size[1]),
                          deterministic=bool(deterministic))
     except (ValueError, TypeError) as e:
         raise translated(e) from None

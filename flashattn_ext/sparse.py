@@ -281,31 +281,23 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size=None, attn_mask=No
     (default (128, 128)). Other arguments as in flashattn_ext.scaled_dot_product_attention
     (is_causal / window_size aligned top-left) and combine with the block mask. Query rows that see
     no key give 0 (gradient 0)."""
-    from ._api import _band, _broadcast_batch
+    from ._api import _attention
+    fn = "block_sparse_attention"
     if layout not in ("bhsd", "bshd"):
-        raise ValueError(f"flashattn_ext.block_sparse_attention: layout must be 'bhsd' or 'bshd', got {layout!r}")
+        raise AttentionValueError(f"flashattn_ext.{fn}: layout must be 'bhsd' or 'bshd', got {layout!r}")
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if isinstance(block_mask, BlockSparseMask):
         if block_size is not None and tuple(block_size) != block_mask.block_size:
-            raise ValueError(f"flashattn_ext.block_sparse_attention: block_size {tuple(block_size)} differs from the "
-                             f"BlockSparseMask's {block_mask.block_size}")
+            raise AttentionValueError(f"flashattn_ext.{fn}: block_size {tuple(block_size)} differs from the "
+                                      f"BlockSparseMask's {block_mask.block_size}")
         if (block_mask.seqlen_q, block_mask.seqlen_k) != (q.shape[-2], k.shape[-2]):
-            raise ValueError(f"flashattn_ext.block_sparse_attention: block_mask was built for (L, S) = "
-                             f"{(block_mask.seqlen_q, block_mask.seqlen_k)}, got {(q.shape[-2], k.shape[-2])}")
+            raise AttentionValueError(f"flashattn_ext.{fn}: block_mask was built for (L, S) = "
+                                      f"{(block_mask.seqlen_q, block_mask.seqlen_k)}, got {(q.shape[-2], k.shape[-2])}")
         blocks, elem, bm, bn = block_mask.op_args()
     else:
         blocks, elem = block_mask, None
         bm, bn = block_size or DEFAULT_BLOCK_SIZE
-    if attn_mask is not None and is_causal:
-        raise RuntimeError("flashattn_ext: Explicit attn_mask should not be set when is_causal=True")
-    q, k, v = _broadcast_batch(q, k, v, enable_gqa)
-    left, right = _band(is_causal, window_size)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    out, _, _ = torch.ops.flashattn_ext.fwd(q, k, v, attn_mask, alibi_slopes=alibi_slopes, block_mask=blocks,
-                                            block_elem_masks=elem, dropout_p=float(dropout_p), scale=scale,
-                                            window_left=left, window_right=right, softcap=float(softcap),
-                                            sparse_block_m=int(bm), sparse_block_n=int(bn),
-                                            deterministic=bool(deterministic))
+    out = _attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap, alibi_slopes,
+                     deterministic, block_mask=blocks, block_elem_masks=elem, block_size=(bm, bn), fn=fn)
     return out.transpose(1, 2) if layout == "bshd" else out
