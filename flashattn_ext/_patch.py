@@ -112,14 +112,15 @@ class patch_sdpa:
             # unsupported_reason would accept, decided in a few attribute reads).
             if (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor
                     and (attn_mask is None or type(attn_mask) is _Tensor)
-                    and query.is_cpu and query.dtype in _DTYPES and (_is_compiling() or _cpu_flash())
+                    and query.is_cpu and query.dtype in _DTYPES
                     and not (query.is_nested or key.is_nested or value.is_nested)
-                    and (attn_mask is None or not attn_mask.is_nested)
-                    and (_is_compiling() or not _is_batched(query))):
-                patch.calls += 1
-                if not _is_compiling() and _grad_enabled() and _saved_tensors_hooks(False) is not None:
-                    patch._note_hooks()
-                return _sdpa_plain(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+                    and (attn_mask is None or not attn_mask.is_nested)):
+                compiling = _is_compiling()
+                if compiling or (_cpu_flash() and not _is_batched(query)):
+                    patch.calls += 1
+                    if not compiling and _grad_enabled() and _saved_tensors_hooks(False) is not None:
+                        patch._note_hooks()
+                    return _sdpa_plain(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
             if not torch.compiler.is_compiling() and not _fused_backends_enabled(query):
                 # sdpa_kernel([...]) left out every fused backend this call would stand in for:
                 # torch serves it (or raises, as it does without the patch).
