@@ -359,8 +359,6 @@ at::Tensor allocate_grad(const at::Tensor& x) {
   return g;
 }
 
-// The log-sum-exp is float32, or float64 for float64 inputs (so fp64 gradients keep fp64 precision).
-at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void set_lse(AttentionParams& p, const at::Tensor& lse) {
   if (lse.scalar_type() == at::kDouble)
@@ -382,12 +380,6 @@ void read_philox(AttentionParams& p, const at::Tensor& rng_state) {
   const at::Tensor s = rng_state.cpu();
   p.philox_seed = static_cast<uint64_t>(s[0].item<int64_t>());
   p.philox_offset = static_cast<uint64_t>(s[1].item<int64_t>());
-}
-
-void poison(std::initializer_list<at::Tensor> ts) {
-  if (!g_poison.load()) return;
-  for (const at::Tensor& t : ts)
-    if (t.defined() && t.numel() > 0 && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
 }  // namespace
@@ -445,6 +437,15 @@ std::pair<int64_t, int64_t> block_mask_range(const at::Tensor& bm) {
                        bm.unsafeGetTensorImpl()->version_counter().current_version(), range});
   }
   return range;
+}
+
+// The log-sum-exp (and the accumulation type) is float32, or float64 for float64 inputs (so fp64 gradients keep fp64 precision).
+at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void poison(std::initializer_list<at::Tensor> ts) {
+  if (!g_poison.load()) return;
+  for (const at::Tensor& t : ts)
+    if (t.defined() && t.numel() > 0 && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
 void set_poison_outputs(bool on) { g_poison.store(on); }

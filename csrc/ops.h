@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <string>
+#include <initializer_list>
 #include <tuple>
 
 #include "attention_params.h"
@@ -48,6 +49,11 @@ void run_cpu_backward(AttentionGradParams& p, const at::TensorOptions& q_options
 
 // (min, max) of an int32 block_mask, read once per tensor version (a device sync on CUDA).
 std::pair<int64_t, int64_t> block_mask_range(const at::Tensor& bm);
+
+// float32, or float64 for float64 inputs: the lse's dtype and the kernels' accumulation type.
+at::ScalarType lse_dtype(const at::Tensor& q);
+// Fills the floating tensors with NaN when set_poison_outputs(true) (outputs, before the kernels run).
+void poison(std::initializer_list<at::Tensor> ts);
 
 // Debug switch for tests: fill every output buffer with NaN before the kernels run.
 void set_poison_outputs(bool on);

@@ -40,7 +40,7 @@ at::Tensor int_vector(const std::optional<at::Tensor>& t, const char* name, int6
 // start[b] + t (per_row) or start[b]; the dims past rotary_dim unchanged. In the accumulation type.
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& start,
                   bool per_row, bool interleaved) {
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = lse_dtype(x);
   const int64_t B = x.size(0), S = x.size(1), half = cos.size(1), rd = 2 * half;
   at::Tensor pos = start.view({B, 1}) + (per_row ? at::arange(S, start.options()).view({1, S})
                                                  : at::zeros({1, S}, start.options()));
@@ -206,9 +206,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_op(
 
   // ---- attention
   at::Tensor out = at::empty({B, Sq, Hq, Dv}, q.options());
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = lse_dtype(q);
   at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(acc));
-  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN()), lse.fill_(std::numeric_limits<double>::quiet_NaN());
+  poison({out, lse});
   at::Tensor seqlens_k = (seqlens + Sn - (leftpad.defined() ? leftpad : at::zeros_like(seqlens))).to(at::kInt);
   at::Tensor alibi = alibi_slopes && alibi_slopes->defined() ? alibi_slopes->contiguous() : at::Tensor();
 

@@ -122,14 +122,6 @@ void set_sequence(AttentionParams& p, const at::Tensor& alibi, int64_t b, uint64
   p.philox_offset = offset + static_cast<uint64_t>(b);
 }
 
-at::ScalarType lse_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-void poison_all(std::initializer_list<at::Tensor> ts) {
-  if (!poison_outputs()) return;
-  for (const at::Tensor& t : ts)
-    if (t.defined() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
-}
-
 // Runs fn(b) for every sequence: in order, each using every thread; or, with many similar sequences (where
 // per-sequence parallel regions would cost more than they share), one sequence per worker, longest
 // first, its kernels then running on that worker alone (a kernel inside a parallel region runs inline).
@@ -166,9 +158,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, c
   check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, o, seqs);
   const int64_t heads = q.size(1), total_q = q.size(0);
   at::Tensor out = at::empty({total_q, heads, v.size(2)}, q.options());
-  at::Tensor lse = at::empty({heads, total_q}, q.options().dtype(lse_type(q)));
+  at::Tensor lse = at::empty({heads, total_q}, q.options().dtype(lse_dtype(q)));
   at::Tensor rng_state = at::zeros({2}, q.options().dtype(at::kLong));
-  poison_all({out, lse});
+  poison({out, lse});
   if (o.dropout_p > 0) {
     auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(std::nullopt, at::detail::getDefaultCPUGenerator());
     std::lock_guard<std::mutex> lock(gen->mutex_);
@@ -224,8 +216,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(const at::Tensor& grad
                     grad_out.sizes(), " and out ", out.sizes());
   TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
                    "flashattn_ext: grad_out and out must have q's dtype ", q.scalar_type());
-  TORCH_CHECK_VALUE(lse.scalar_type() == lse_type(q) && lse.dim() == 2 && lse.size(0) == heads && lse.size(1) == total_q,
-                    "flashattn_ext: lse must be ", lse_type(q), " of shape (heads, total_q) = (", heads, ", ", total_q,
+  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(q) && lse.dim() == 2 && lse.size(0) == heads && lse.size(1) == total_q,
+                    "flashattn_ext: lse must be ", lse_dtype(q), " of shape (heads, total_q) = (", heads, ", ", total_q,
                     "), got ", lse.scalar_type(), " ", lse.sizes());
   TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong,
                     "flashattn_ext: rng_state must be the int64 (seed, offset) pair the forward returned");
@@ -233,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(const at::Tensor& grad
   const at::Tensor go = last_contig(grad_out), oc = last_contig(out);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
-  poison_all({dq, dk, dv});
+  poison({dq, dk, dv});
   const at::Tensor rng = rng_state.cpu();
   const uint64_t seed = static_cast<uint64_t>(rng[0].item<int64_t>()),
                  offset = static_cast<uint64_t>(rng[1].item<int64_t>());

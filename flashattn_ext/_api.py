@@ -109,21 +109,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             and not (query.is_nested or key.is_nested or value.is_nested)
             and _batch_agrees(query.shape, key.shape, value.shape, enable_gqa)
             and not (_deterministic_enabled() if deterministic is None else deterministic)):
-        # Fast path: plain tensors whose batch dims already agree, every option at its default: the
-        # fewest arguments for the dispatcher to parse (the op checks everything else).
-        try:
-            if is_causal:
-                return _fwd(query, key, value, attn_mask, window_right=0)[0]
-            return _fwd(query, key, value, attn_mask)[0]
-        except (ValueError, TypeError) as e:
-            raise translated(e) from None
+        # Fast path: plain tensors whose batch dims already agree, every option at its default.
+        return _fwd_defaults(query, key, value, attn_mask, is_causal)
     return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
                       alibi_slopes, deterministic)
 
 
 def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
-               alibi_slopes, deterministic, *, block_mask=None, block_elem_masks=None, block_size=(128, 128),
-               fn="scaled_dot_product_attention"):
+               alibi_slopes, deterministic, *, bottom_right=False, block_mask=None, block_elem_masks=None,
+               block_size=(128, 128), fn="scaled_dot_product_attention"):
     """The one SDPA-convention core (scaled_dot_product_attention, block_sparse_attention): checks
     and broadcasts query/key/value, maps is_causal / window_size to the top-left band, calls the op
     and translates its errors."""
@@ -142,7 +136,7 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     try:
         out, _, _ = _fwd(query, key, value, attn_mask, alibi_slopes=alibi_slopes, block_mask=block_mask,
                          block_elem_masks=block_elem_masks, dropout_p=float(dropout_p), scale=scale,
-                         window_left=left, window_right=right, softcap=float(softcap),
+                         window_left=left, window_right=right, bottom_right=bottom_right, softcap=float(softcap),
                          sparse_block_m=int(block_size[0]), sparse_block_n=int(block_size[1]),
                          deterministic=bool(deterministic))
     except (ValueError, TypeError) as e:
@@ -156,6 +150,12 @@ def _sdpa_plain(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     if (dropout_p or scale is not None or (is_causal and attn_mask is not None) or _deterministic_enabled()
             or not _batch_agrees(query.shape, key.shape, value.shape, enable_gqa)):
         return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return _fwd_defaults(query, key, value, attn_mask, is_causal)
+
+
+def _fwd_defaults(query, key, value, attn_mask, is_causal):
+    """The op with every option at its default (attn_mask is None when is_causal): the fewest
+    arguments for the dispatcher to parse; the op checks everything else."""
     try:
         if is_causal:
             return _fwd(query, key, value, None, window_right=0)[0]
@@ -167,15 +167,8 @@ def _sdpa_plain(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
 def _bottom_right_causal(query, key, value, dropout_p, scale, enable_gqa):
     """SDPA with a bottom-right aligned causal mask (query i sees key j <= i + S - L): what
     torch.nn.attention.bias.causal_lower_right asks for."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        _check_tensor(name, x, "scaled_dot_product_attention")
-    q, k, v = _broadcast_batch(query, key, value, enable_gqa)
-    try:
-        out, _, _ = _ops.fwd(q, k, v, None, dropout_p=float(dropout_p), scale=scale, window_left=-1, window_right=0,
-                             bottom_right=True, deterministic=torch.are_deterministic_algorithms_enabled())
-    except (ValueError, TypeError) as e:
-        raise translated(e) from None
-    return out
+    return _attention(query, key, value, None, dropout_p, True, scale, enable_gqa, None, 0.0, None, None,
+                      bottom_right=True)
 
 
 def _batch_agrees(qs, ks, vs, enable_gqa: bool) -> bool:
