@@ -197,10 +197,14 @@ def make_extension():
     if not want_cuda():
         return CppExtension("flashattn_ext._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp", "-ldl"])
-    # sm_80 and sm_90 machine code, plus sm_90 PTX so newer GPUs JIT it instead of failing.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    # sm_80 machine code and PTX (newer GPUs JIT it instead of failing) and sm_90a machine code:
+    # H100/H200 run the Hopper forward (wgmma, setmaxnreg need the arch-specific target) and the
+    # FA2 kernels. With 9.0a in the list, dispatch.cu is told so (FLASHATTN_CUDA_SM90A).
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
     cuda_sources, defines = cuda_sources_and_defines()
     nvcc = nvcc_flags() + defines
+    if "9.0a" in re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"].replace("+PTX", "")):
+        nvcc.append("-DFLASHATTN_CUDA_SM90A")
     return CUDAExtension("flashattn_ext._C", sources + ["csrc/ops_cuda.cpp"] + cuda_sources,
                          include_dirs=include_dirs,
                          define_macros=[("FLASHATTN_WITH_CUDA", "1")],

@@ -9,6 +9,8 @@
 # spent starting): plan both runs before starting. Every kernel has already passed the emulated
 # suite on the CPU (tests/test_cuda.py, cuda_emulated): the GPU run confirms and measures.
 #
+#   hopper = the Hopper (sm_90a) forward only: build d=128 bf16 for 9.0a (~1 min), tests/test_cuda_sm90.py,
+#            bench_attention.py fwd and fwd+bwd at S 1k, 4k, 8k, 16k, causal and not, vs FLASH and CUDNN  ~4 min
 #   first = build_restricted test_restricted sanitize_small quick
 #     build_restricted  sm_90 only, head dims 64 and 128, bf16 + fp16, MAX_JOBS=16. Measured on the
 #                       2-core development machine (nvcc 13.0, no GPU): the 10 CUDA translation
@@ -21,7 +23,7 @@
 #     quick             bench_attention.py --quick: D=128; S 1k, 4k, 16k; fwd and fwd+bwd;
 #                       causal and not; ours vs torch's FLASH and CUDNN                 ~1.5 min
 #   second = build test sanitize masked sparse bench128
-#     build             every bucket and dtype (TORCH_CUDA_ARCH_LIST=9.0)              ~3-5 min cold
+#     build             every bucket and dtype (TORCH_CUDA_ARCH_LIST=9.0a)             ~3-5 min cold
 #     test              the whole pytest suite                                          ~4 min
 #     sanitize          memcheck (all), racecheck and synccheck (one head dim each)     ~4 min
 #     bench128, bench64, bench256, bench   bench_attention.py per head dim (~4 min each)
@@ -44,7 +46,7 @@ STAGES=("$@")
 PY=${PYTHON:-python}
 read -r -a PYTEST_ARGS <<<"${PYTEST_EXTRA:-}"  # e.g. PYTEST_EXTRA="-k cuda -x"
 export MAX_JOBS=${MAX_JOBS:-16}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 stamp() { date -u +%H:%M:%S; }
@@ -140,14 +142,19 @@ status=0
 for stage in "${STAGES[@]}"; do
   case $stage in
     first)
-      { FLASHATTN_CUDA_HEADDIMS=64,128 FLASHATTN_CUDA_DTYPES=bf16,fp16 TORCH_CUDA_ARCH_LIST=9.0 stage_build &&
-          stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py; stage_sanitize small;
+      { FLASHATTN_CUDA_HEADDIMS=64,128 FLASHATTN_CUDA_DTYPES=bf16,fp16 TORCH_CUDA_ARCH_LIST=9.0a stage_build &&
+          stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py tests/test_cuda_sm90.py; stage_sanitize small;
         stage_bench --quick; } || status=1 ;;
     second) { stage_build && stage_test; stage_sanitize; stage_script bench_masked; stage_script bench_sparse;
               stage_bench --headdims 128; } || status=1 ;;
-    build_restricted) FLASHATTN_CUDA_HEADDIMS=64,128 FLASHATTN_CUDA_DTYPES=bf16,fp16 TORCH_CUDA_ARCH_LIST=9.0 \
+    build_restricted) FLASHATTN_CUDA_HEADDIMS=64,128 FLASHATTN_CUDA_DTYPES=bf16,fp16 TORCH_CUDA_ARCH_LIST=9.0a \
                         stage_build || status=1 ;;
-    test_restricted) stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py || status=1 ;;
+    test_restricted) stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py tests/test_cuda_sm90.py || status=1 ;;
+    hopper)  # the Hopper forward alone: d=128 bf16 build, its tests, fwd and fwd+bwd vs FLASH and CUDNN
+      { FLASHATTN_CUDA_HEADDIMS=128 FLASHATTN_CUDA_DTYPES=bf16 TORCH_CUDA_ARCH_LIST=9.0a stage_build &&
+          stage_test -m cuda tests/test_cuda_sm90.py &&
+          stage_bench --headdims 128 --seqlens 1024,4096,8192,16384 --modes fwd,fwd_bwd --backends ours,flash,cudnn; } ||
+        status=1 ;;
     sanitize_small) stage_sanitize small || status=1 ;;
     build) stage_build || status=1 ;;
     test) stage_test || status=1 ;;
@@ -158,7 +165,7 @@ for stage in "${STAGES[@]}"; do
     masked) stage_script bench_masked || status=1 ;;
     sparse) stage_script bench_sparse || status=1 ;;
     all) { stage_build && stage_test; stage_sanitize; stage_bench --headdims 128; } || status=1 ;;
-    *) echo "unknown stage $stage (first|second|build_restricted|test_restricted|sanitize_small|build|test|sanitize|bench|bench64|bench128|bench256|quick|masked|sparse|all)"; status=2 ;;
+    *) echo "unknown stage $stage (first|second|hopper|build_restricted|test_restricted|sanitize_small|build|test|sanitize|bench|bench64|bench128|bench256|quick|masked|sparse|all)"; status=2 ;;
   esac
 done
 echo

@@ -50,8 +50,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Testing: dlopen libflashattn_emulator.so (the CUDA kernels on the host emulator); '' or why not.");
   m.def("emulator_configure", &flashattn::emulator_configure,
         "Testing: route CPU tensors through the emulated CUDA kernels (schedule 0 lockstep, 1 warp "
-        "ascending, 2 warp descending, 3 random; cp.async landing; emulated sm).");
+        "ascending, 2 warp descending, 3 random; cp.async landing; emulated sm; the sm_90a kernels).");
   m.def("emulating_cuda", &flashattn::emulating_cuda);
+  m.def("emulator_stats", &flashattn::emulator_stats, "Testing: (launches, blocks, threads) the emulator has run.");
   m.def("emulator_compiled", &flashattn::emulator_compiled);
   m.def("emulator_selftest", &flashattn::emulator_selftest,
         "Testing: run one of the emulator's planted-bug kernels; its report ('' if it found nothing).");

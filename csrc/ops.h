@@ -70,8 +70,9 @@ at::Tensor cuda_kernels_dropout_mask(AttentionParams& p, const at::Tensor& q, co
 // switched it on (flashattn_ext.testing.emulated_cuda). emulator_load returns "" or why it failed.
 std::string emulator_load(const std::string& path);
 void emulator_configure(bool enabled, int schedule, int64_t seed, bool copies_land_at_issue, int64_t sm_major,
-                        int64_t sm_minor);
+                        int64_t sm_minor, bool hopper);
 bool emulating_cuda();
+std::vector<int64_t> emulator_stats();  // launches, blocks, threads run by the emulator so far
 std::string emulator_compiled(bool headdims);  // the emulated build's head-dim buckets or dtypes
 std::string emulator_selftest(const std::string& name, int schedule);  // the report, "" if none
 void emulated_forward(AttentionParams& p, at::Tensor& rng_state);

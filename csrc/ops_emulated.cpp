@@ -63,7 +63,7 @@ std::string emulator_load(const std::string& path) {
 }
 
 void emulator_configure(bool enabled, int schedule, int64_t seed, bool copies_land_at_issue, int64_t sm_major,
-                        int64_t sm_minor) {
+                        int64_t sm_minor, bool hopper) {
   Emulator& e = emulator();
   std::lock_guard<std::mutex> lock(e.mutex);
   TORCH_CHECK_VALUE(!enabled || e.api != nullptr, "flashattn_ext: the CUDA emulator is not loaded: ", e.load_error);
@@ -74,9 +74,16 @@ void emulator_configure(bool enabled, int schedule, int64_t seed, bool copies_la
   e.options.copies_land_at_issue = copies_land_at_issue ? 1 : 0;
   e.options.sm_major = static_cast<int>(sm_major);
   e.options.sm_minor = static_cast<int>(sm_minor);
+  e.options.hopper = hopper ? 1 : 0;
 }
 
 bool emulating_cuda() { return emulator().enabled; }
+
+std::vector<int64_t> emulator_stats() {
+  FlashattnEmulatorStats st{};
+  api().stats(&st);
+  return {static_cast<int64_t>(st.launches), static_cast<int64_t>(st.blocks), static_cast<int64_t>(st.threads)};
+}
 
 std::string emulator_compiled(bool headdims) {
   const FlashattnEmulatorApi& a = api();

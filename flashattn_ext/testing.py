@@ -46,7 +46,7 @@ def emulator_unavailable_reason():
 
 
 @contextlib.contextmanager
-def emulated_cuda(schedule="lockstep", seed=1, copies_land_at_issue=False, sm=(9, 0)):
+def emulated_cuda(schedule="lockstep", seed=1, copies_land_at_issue=False, sm=(9, 0), hopper=False):
     """Inside this block, CPU tensors passed to the flashattn_ext ops run the CUDA kernels'
     launch path (csrc/cuda: dispatch, tensor-core and SIMT kernels) on the host emulator
     (csrc/cuda/emulator) instead of the CPU kernels. The emulator executes every CUDA thread as
@@ -54,7 +54,9 @@ def emulated_cuda(schedule="lockstep", seed=1, copies_land_at_issue=False, sm=(9
     shared-memory races, barriers, collectives and out-of-bounds accesses, and raises
     RuntimeError with a report on the first problem. `copies_land_at_issue`: cp.async writes
     shared memory when issued instead of at its wait_group. `sm`: the emulated GPU (its
-    shared-memory limits pick the tile pipeline: (9, 0) H100-class, (8, 0) A100-class).
+    shared-memory limits pick the tile pipeline: (9, 0) H100-class, (8, 0) A100-class). `hopper`:
+    the sm_90a kernels (TMA, mbarrier, wgmma; csrc/cuda/fwd_sm90.cuh) take the calls they support,
+    as on an H100/H200 with a build that includes 9.0a (sm must be (9, 0)).
     An emulator pass is not a GPU pass: see csrc/cuda/README.md for what it cannot catch."""
     why = emulator_unavailable_reason()
     if why:
@@ -62,11 +64,18 @@ def emulated_cuda(schedule="lockstep", seed=1, copies_land_at_issue=False, sm=(9
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
     previous = _C.emulating_cuda()
-    _C.emulator_configure(True, SCHEDULES[schedule], int(seed), bool(copies_land_at_issue), int(sm[0]), int(sm[1]))
+    _C.emulator_configure(True, SCHEDULES[schedule], int(seed), bool(copies_land_at_issue), int(sm[0]), int(sm[1]),
+                          bool(hopper))
     try:
         yield
     finally:
-        _C.emulator_configure(previous, 0, 1, False, 9, 0)
+        _C.emulator_configure(previous, 0, 1, False, 9, 0, False)
+
+
+def emulator_stats():
+    """What the emulator has run so far in this process: {"launches", "blocks", "threads"}."""
+    launches, blocks, threads = _C.emulator_stats()
+    return {"launches": launches, "blocks": blocks, "threads": threads}
 
 
 def emulator_selftest(name, schedule="lockstep"):

@@ -48,14 +48,15 @@ def device_params(schedules=EMULATED_SCHEDULES):
 
 
 @contextlib.contextmanager
-def activate(param):
-    """One test on `param` ((kind, schedule) from device_params); DEV is "cuda" again afterwards."""
+def activate(param, hopper=False):
+    """One test on `param` ((kind, schedule) from device_params); DEV is "cuda" again afterwards.
+    hopper: the emulated GPU runs the sm_90a kernels where they apply (a GPU does so by itself)."""
     global DEV, EMULATED
     kind, schedule = param
     EMULATED = kind == "emulated"
     DEV = "cpu" if EMULATED else "cuda"
     try:
-        with emulated_cuda(schedule) if EMULATED else contextlib.nullcontext():
+        with emulated_cuda(schedule, hopper=hopper) if EMULATED else contextlib.nullcontext():
             yield
     finally:
         DEV, EMULATED = "cuda", False

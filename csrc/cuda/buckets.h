@@ -26,12 +26,20 @@
 
 #define FLASHATTN_CUDA_HEADDIMS 32, 64, 96, 128, 192, 256
 #define FLASHATTN_CUDA_DTYPES fp16, bf16
+// The buckets with a Hopper (sm_90a) forward as well (instantiations/fwd_sm90_hdim<D>_<dtype>.cu).
+#define FLASHATTN_CUDA_SM90_HEADDIMS 64, 128, 256
 
 namespace flashattn::cuda {
 
 namespace table {
 enum Dtype { fp16, bf16 };
 inline constexpr int kHeadDims[] = {FLASHATTN_CUDA_HEADDIMS};
+inline constexpr int kSm90HeadDims[] = {FLASHATTN_CUDA_SM90_HEADDIMS};
+constexpr bool is_sm90_bucket(int d) {
+  for (int x : kSm90HeadDims)
+    if (x == d) return true;
+  return false;
+}
 #ifdef FLASHATTN_CUDA_BUILT_HEADDIMS
 inline constexpr int kBuiltHeadDims[] = {FLASHATTN_CUDA_BUILT_HEADDIMS};
 #else

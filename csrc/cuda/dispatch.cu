@@ -185,7 +185,57 @@ size_t bwd_workspace_bytes(const AttentionGradParams& p, int sm_major, int sm_mi
   return w.dq_accum_bytes + w.semaphore_bytes;
 }
 
+namespace {
+
+// The Hopper forward: compiled (sm_90a in the arch list, or the emulator with hopper=True), on an
+// sm90 device, not switched off by FLASHATTN_CUDA_SM90A=0 (read once).
+bool sm90_kernels_enabled(int sm_major) {
+  if (sm_major != 9) return false;
+#if defined(FLASHATTN_CUDA_EMULATE)
+  return emu::hopper_kernels_enabled();
+#elif defined(FLASHATTN_CUDA_SM90A)
+  static const bool enabled = [] {
+    const char* env = std::getenv("FLASHATTN_CUDA_SM90A");
+    return env == nullptr || std::atoi(env) != 0;
+  }();
+  return enabled;
+#else
+  return false;
+#endif
+}
+
+// The smallest compiled bucket with a Hopper forward that holds max(E, Ev), 0 if none.
+int select_sm90_bucket(const AttentionParams& p) {
+  const int64_t d = p.headdim > p.headdim_v ? p.headdim : p.headdim_v;
+  int bucket = 0;
+  for_each_built_bucket([&](auto b) {
+    if (table::is_sm90_bucket(b()) && bucket == 0 && d <= b()) bucket = b();
+  });
+  return bucket;
+}
+
+// The Hopper forward where it takes the call (plain attention, 16-byte aligned rows);
+// cudaErrorNotSupported where it does not.
+cudaError_t run_fwd_sm90(const AttentionParams& p, cudaStream_t stream, int sm_major) {
+  if (!sm90_kernels_enabled(sm_major) || has_extras(p) || !fwd_vectorized(p) ||
+      tensor_core_unsupported_reason(p, sm_major) != nullptr)
+    return cudaErrorNotSupported;
+  const int bucket = select_sm90_bucket(p);
+  cudaError_t err = cudaErrorNotSupported;
+  for_each_built_dtype([&](auto element) {
+    if (dtype_of<typename decltype(element)::type>() != p.dtype) return;
+    for_each_built_bucket([&](auto d) {
+      if constexpr (table::is_sm90_bucket(decltype(d)::value))
+        if (d() == bucket) err = launch_fwd_sm90<typename decltype(element)::type, decltype(d)::value>(p, stream);
+    });
+  });
+  return err;
+}
+
+}  // namespace
+
 cudaError_t run_fwd(const AttentionParams& p, cudaStream_t stream, int sm_major, int sm_minor) {
+  if (const cudaError_t err = run_fwd_sm90(p, stream, sm_major); err != cudaErrorNotSupported) return err;
   if (fwd_unsupported_reason(p, sm_major, sm_minor) != nullptr) return run_simt_fwd(p, stream);
   LaunchOptions opt;
   opt.vectorized = fwd_vectorized(p);

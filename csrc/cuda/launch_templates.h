@@ -17,6 +17,11 @@ struct LaunchOptions {
 template <typename Element, int kHeadDim>
 cudaError_t launch_fwd(const AttentionParams& p, const LaunchOptions& opt, cudaStream_t stream);
 
+// The Hopper forward (sm_90a, fwd_sm90.cuh) of a bucket in FLASHATTN_CUDA_SM90_HEADDIMS; plain
+// attention only (no extras). cudaErrorNotSupported if the tensors cannot be mapped for TMA.
+template <typename Element, int kHeadDim>
+cudaError_t launch_fwd_sm90(const AttentionParams& p, cudaStream_t stream);
+
 // dq_accum: fp32 (batch, num_heads, seqlen_q, kHeadDim), zeroed; dq_semaphore: int32
 // (batch, num_heads, query blocks), zeroed (deterministic mode only). Both set in p.
 template <typename Element, int kHeadDim>

@@ -125,6 +125,7 @@ void configure(const FlashattnEmulatorOptions* o) {
   c.landing = o->copies_land_at_issue ? emu::CopyLanding::kAtIssue : emu::CopyLanding::kAtWait;
   c.sm_major = o->sm_major;
   c.sm_minor = o->sm_minor;
+  c.hopper = o->hopper != 0;
   emu::clear_failure();
 }
 
@@ -208,8 +209,9 @@ int dropout_mask(const AttentionParams* params, uint8_t* keep, const FlashattnEm
 
 int selftest(const char* name, const FlashattnEmulatorOptions* o, const char** report) {
   configure(o);
-  std::vector<float> in(256, 1.f);
-  std::vector<int> out(64, 0);
+  std::vector<float> in(8192);
+  for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<float>(i % 7) - 3.f;
+  std::vector<int> out(384, 0);
   int flag = 0;
   emu::GuardedBuffers g;
   float* gin = g.guard("in", in.data(), in.size() * sizeof(float), false);

@@ -16,6 +16,7 @@ struct FlashattnEmulatorOptions {
   uint64_t seed = 1;              // of the random schedule
   int copies_land_at_issue = 0;   // 0: a cp.async writes shared memory at its wait_group; 1: at issue
   int sm_major = 9, sm_minor = 0;  // the emulated GPU: its shared-memory limits (and so the K/V pipeline)
+  int hopper = 0;                  // 1: the sm_90a kernels run where they apply (sm_major 9)
 };
 
 struct FlashattnEmulatorStats {
@@ -40,7 +41,7 @@ struct FlashattnEmulatorApi {
   int (*selftest)(const char* name, const FlashattnEmulatorOptions* o, const char** report);
 };
 
-constexpr int kFlashattnEmulatorAbi = 1;
+constexpr int kFlashattnEmulatorAbi = 2;
 
 // The library's one exported symbol.
 __attribute__((visibility("default"))) const FlashattnEmulatorApi* flashattn_emulator_api();

@@ -65,6 +65,39 @@ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr, bool trans, Site site);
 enum class MmaType { kF16, kBF16 };
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, MmaType type, Site site);
 
+// Hopper (sm_90a) instructions, from the PTX ISA's text (hopper.cpp).
+// mbarrier objects live in shared memory (8 bytes, 8-aligned); the emulator keeps their state.
+void mbarrier_init(uint64_t* bar, int count, Site site);
+void mbarrier_fence_init(Site site);  // fence.mbarrier_init.release.cluster
+void mbarrier_expect_tx(uint64_t* bar, uint32_t bytes, Site site);
+void mbarrier_arrive(uint64_t* bar, Site site);  // arrive-on; with expect_tx first for arrive.expect_tx
+bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity, Site site);
+void fence_proxy_async(Site site);  // fence.proxy.async.shared::cta
+// A tensor map as the emulator encodes it (the 128-byte CUtensorMap of a GPU build).
+struct TensorMapData {
+  const void* global;
+  int rank, element_bytes, swizzle_bytes;  // swizzle 0 (none), 32, 64, 128
+  uint64_t dims[5], strides_bytes[5];      // strides_bytes[0] = element_bytes
+  uint32_t box[5];
+  uint32_t magic;
+};
+// cuTensorMapEncodeTiled's equivalent (host code): nullptr, or why the arguments are refused.
+// strides_bytes: of dimensions 1 .. rank - 1 (dimension 0 is contiguous).
+const char* encode_tensor_map(TensorMapData* out, const void* global, int rank, int element_bytes,
+                              const uint64_t* dims, const uint64_t* strides_bytes, const uint32_t* box,
+                              int swizzle_bytes);
+// cp.async.bulk.tensor.<rank>d.shared::cluster.global.mbarrier::complete_tx::bytes
+void tma_load(void* smem_dst, const TensorMapData* map, uint64_t* bar, const int* coords, Site site);
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}: A from a descriptor (a_regs == nullptr)
+// or registers, B from a descriptor; d holds N / 2 accumulators per thread.
+void wgmma_fence(Site site);
+void wgmma_mma(float* d, int n, uint64_t desc_a, const uint32_t* a_regs, uint64_t desc_b, int scale_d, int trans_a,
+               int trans_b, MmaType type, Site site);
+void wgmma_commit(Site site);
+void wgmma_wait(int pending, Site site);
+void setmaxnreg(int regs, bool increase, Site site);
+void named_barrier(int id, int threads, bool wait, Site site);  // bar.sync / bar.arrive
+
 // Global-memory operations and special functions.
 void red_add_f32(float* ptr, float value);
 float atomic_add(float* ptr, float value);
@@ -82,6 +115,9 @@ struct LaunchConfig {
   const char* launcher;     // __PRETTY_FUNCTION__ of the launching function (template arguments)
 };
 cudaError_t launch(const LaunchConfig& config, const std::function<void()>& thread_body);
+
+// Whether the emulated GPU runs the Hopper (sm_90a) kernels (emulated_cuda(hopper=True)).
+bool hopper_kernels_enabled();
 
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes).
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);

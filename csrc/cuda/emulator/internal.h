@@ -27,6 +27,7 @@ struct Config {
   uint64_t seed = 1;
   CopyLanding landing = CopyLanding::kAtWait;
   int sm_major = 9, sm_minor = 0;  // the emulated GPU (its shared-memory limits)
+  bool hopper = false;             // dispatch takes the sm_90a kernels where they apply
 };
 Config& config();
 
@@ -46,14 +47,28 @@ struct AsyncCopy {
   Site site;
 };
 
+// Per-thread state of the Hopper instructions (hopper.cpp).
+constexpr int kMaxWarps = 32;
+struct LaneHopper {
+  std::vector<std::pair<uint32_t, uint32_t>> observed;  // (mbarrier offset, phases whose completion it saw)
+  uint32_t released[kMaxWarps] = {};  // per warp: the arrive number up to which that warp's accesses are ordered before this thread
+  uint32_t proxy_fences = 0;          // fence.proxy.async executed
+  bool wgmma_fenced = false;          // a wgmma.fence since the last commit_group
+  std::vector<int> wgmma_uncommitted;        // wgmma ops issued since the last commit_group
+  std::deque<std::vector<int>> wgmma_groups;  // committed, not yet waited for, oldest first
+};
+
 struct Lane {
   LaneInfo info{};
   LaneState state = LaneState::kRunnable;
   Fiber* fiber = nullptr;
   Site blocked_at{};
   const char* blocked_on = "";
+  const char* spinning_on = nullptr;  // the spin loop (spin_yield) it was last seen in, for reports
+  Site spinning_at{};
   std::vector<AsyncCopy> uncommitted;             // issued since the last commit_group
   std::deque<std::vector<AsyncCopy>> committed;   // groups not yet waited for, oldest first
+  LaneHopper hopper;
 };
 
 enum class Collective : uint8_t { kSyncwarp, kShflIdx, kShflXor, kLdmatrix, kLdmatrixTrans, kMmaF16, kMmaBF16 };
@@ -95,6 +110,27 @@ void warp_collective(Collective kind, Site site, Store&& store, Complete&& compl
   }
 }
 
+// For collectives other than a warp's (hopper.cpp): the lanes of the block, blocking the running
+// lane until wake() (state kAtWarpCollective), and telling the deadlock check that something moved.
+Lane& lane_at(int linear);
+void block_until_woken(Lane& me, const char* what, Site site);
+void wake(Lane& lane);
+void note_progress();
+
+// Hopper state of the running block (hopper.cpp): reset at block start, checked at its end and at
+// a lane's exit; a completed __syncthreads orders everything before it (releases and observed phases).
+void hopper_begin_block();
+void hopper_end_block();
+void hopper_lane_exit(Lane& lane);
+void hopper_block_barrier();
+bool hopper_active();  // an mbarrier was initialized in this block
+uint32_t hopper_observed(const Lane& lane, uint32_t bar_offset);  // completed phases of that mbarrier it saw
+uint32_t hopper_arrive_count(int warp);  // mbarrier arrives by that warp so far (+ block barriers)
+// wgmma ops in flight in the block, and the check that a kernel access (not shared memory) does
+// not touch the accumulator registers of one of the running thread's ops in flight.
+extern int g_wgmma_in_flight;
+void hopper_check_register_access(const void* addr, size_t bytes, bool write);
+
 // Gives the schedule a chance to run another thread (random schedule, shared-memory accesses).
 void maybe_switch_at_memory_access();
 
@@ -111,6 +147,16 @@ void shared_check_write(uint32_t offset, uint32_t bytes, const char* what);
 char* shared_base();
 size_t shared_size();  // the launch's dynamic shared memory
 void land_group(Lane& lane, std::vector<AsyncCopy>& group);
+// The async proxy (TMA, wgmma) on the shadow: a TMA load issued into [offset, offset + bytes)
+// (checks that nothing still reads or waits for it), landed (data written, visible after phase
+// `phase` of the mbarrier at bar_offset completes), and a wgmma's read of it by warps
+// [first_warp, first_warp + 4) (which must all have seen the data).
+void shared_tma_issue(uint32_t offset, uint32_t bytes, const Lane& issuer, const char* what);
+void shared_tma_land(uint32_t offset, const void* data, uint32_t bytes, uint32_t bar_offset, uint32_t phase,
+                     int swizzle_bytes);
+void shared_async_read(uint32_t offset, uint32_t bytes, int first_warp, std::vector<uint32_t>& granules, const char* what,
+                       int swizzle_bytes);
+void shared_async_read_done(const std::vector<uint32_t>& granules, int warp, bool last);
 
 // ---- global memory (global_memory.cpp) ---------------------------------------------------------
 

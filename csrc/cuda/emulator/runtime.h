@@ -21,6 +21,8 @@
 #undef __forceinline__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#undef __grid_constant__
+#define __grid_constant__
 
 #define threadIdx (::flashattn::emu::current_lane().thread_idx)
 #define blockIdx (::flashattn::emu::block_idx())

@@ -163,7 +163,11 @@ std::string thread_states() {
       std::string d;
       switch (l.state) {
         case LaneState::kDone: d = "exited"; break;
-        case LaneState::kRunnable: d = "spinning"; break;
+        case LaneState::kRunnable:
+          d = l.spinning_on ? std::string("spinning in ") + l.spinning_on + " (" + l.spinning_at.file + ":" +
+                                  std::to_string(l.spinning_at.line) + ")"
+                            : "spinning";
+          break;
         case LaneState::kAtBarrier:
         case LaneState::kAtWarpCollective:
           d = std::string("at ") + l.blocked_on + " (" + l.blocked_at.file + ":" + std::to_string(l.blocked_at.line) + ")";
@@ -180,6 +184,7 @@ std::string thread_states() {
 
 void lane_exit(Lane& me) {
   State& s = state();
+  hopper_lane_exit(me);
   Warp& w = s.warps[me.info.warp];
   me.state = LaneState::kDone;
   ++w.exited;
@@ -210,11 +215,14 @@ void run_block() {
   State& s = state();
   const int n = static_cast<int>(s.lanes.size());
   shared_begin_block(s.launch->smem_bytes);
+  hopper_begin_block();
   for (int i = 0; i < n; ++i) {
     Lane& l = s.lanes[i];
     l.state = LaneState::kRunnable;
     l.uncommitted.clear();
     l.committed.clear();
+    l.hopper = LaneHopper{};
+    l.spinning_on = nullptr;
     l.fiber = s.fibers[i].get();
     l.fiber->reset(&lane_entry, &l);
   }
@@ -238,6 +246,7 @@ void run_block() {
     switch_context(&s.scheduler, next->fiber->context());
   }
   s.running = nullptr;
+  if (!s.failed) hopper_end_block();
   if (!s.failed) shared_end_block();
 }
 
@@ -246,6 +255,7 @@ void run_block() {
 // ---- shared with the other emulator files -----------------------------------------------------
 
 Config& config() { return state().config; }
+bool hopper_kernels_enabled() { return state().config.hopper; }
 Lane& current() { return *state().running; }
 Warp& warp_of(const Lane& lane) { return state().warps[lane.info.warp]; }
 int block_threads() { return static_cast<int>(state().lanes.size()); }
@@ -361,6 +371,19 @@ void maybe_switch_at_memory_access() {
   if ((s.rng() & 15) == 0) yield();
 }
 
+Lane& lane_at(int linear) { return state().lanes[linear]; }
+void block_until_woken(Lane& me, const char* what, Site site) {
+  me.state = LaneState::kAtWarpCollective;
+  me.blocked_on = what;
+  me.blocked_at = site;
+  yield();
+}
+void wake(Lane& lane) {
+  if (lane.state == LaneState::kAtWarpCollective) set_runnable(lane);
+  progress();
+}
+void note_progress() { progress(); }
+
 // ---- the built-ins ----------------------------------------------------------------------------
 
 namespace {
@@ -445,12 +468,19 @@ uint64_t shfl(ShflMode mode, unsigned mask, uint64_t value, int lane_arg, int wi
 void spin_yield(const char* what, Site site) {
   State& s = state();
   Lane& me = current();
+  me.spinning_on = what;
+  me.spinning_at = site;
   if (++s.spins_since_progress > kSpinLimit) {
     me.blocked_on = what;
     me.blocked_at = site;
     fail("deadlock: %s spins at %s:%d with no other thread making progress (%llu steps)\n%s", what, site.file,
          site.line, static_cast<unsigned long long>(s.spins_since_progress), thread_states().c_str());
   }
+  // A warp schedule runs one warp until it blocks; a spinning warp never blocks, so the schedule
+  // moves on to the next warp (the one it waits for, an mbarrier's producer, may be there).
+  const int nw = static_cast<int>(s.warps.size());
+  if (s.config.schedule == Schedule::kWarpAscending) s.warp_cursor = (me.info.warp + 1) % nw;
+  if (s.config.schedule == Schedule::kWarpDescending) s.warp_cursor = (me.info.warp - 1 + nw) % nw;
   yield();
 }
 

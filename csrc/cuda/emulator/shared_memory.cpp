@@ -46,10 +46,29 @@ struct Granule {
   uint32_t readers = 0;     // warps that read it in read_epoch, one bit each (warp >= 31 -> bit 31)
   uint16_t writer = 0;      // warp of the last write
   uint16_t writer_thread = 0;
-  uint16_t inflight = 0;    // cp.async copies into it, issued and not yet landed
+  uint16_t inflight = 0;    // cp.async copies / TMA loads into it, issued and not yet landed
+  // The async proxy (Hopper): the mbarrier (offset / 8 + 1, 0 = none) and the phase count whose
+  // completion makes the TMA data visible, wgmma ops still reading it, and whether the last write
+  // was an ordinary store not yet followed by fence.proxy.async in the writing thread.
+  uint16_t tma_bar = 0;
+  uint16_t async_readers = 0;
+  uint32_t tma_phase = 0;
+  uint8_t generic_unfenced = 0;
+  uint8_t tma_swizzle = 0;  // the swizzle (bytes / 32) the TMA load wrote it with
+  uint32_t writer_fences = 0;
+};
+
+// Per granule and warp: the arrive number (hopper_arrive_count + 1 at the read) that orders the
+// warp's last read of it before a later TMA load into it (WAR through mbarriers); tagged by block.
+constexpr int kStampWarps = 16;
+struct ReadStamps {
+  uint64_t block = 0;
+  uint32_t stamp[kStampWarps];
 };
 
 Granule g_shadow[kSmemCapacity / kGranule];
+ReadStamps g_stamps[kSmemCapacity / kGranule];
+uint64_t g_block_serial = 0;
 uint32_t g_epoch = 1;
 size_t g_size = 0;  // dynamic shared memory of the running launch
 const uintptr_t g_base = reinterpret_cast<uintptr_t>(smem_raw);
@@ -81,6 +100,13 @@ void check_granules(size_t offset, size_t bytes, bool write, const char* what, c
     if (s.write_epoch == g_epoch && s.writer != warp)
       fail("shared-memory race: %s by warp %d of %s that warp %d (thread %d) wrote since the last __syncthreads%s",
            what, warp, range(g * kGranule, kGranule).c_str(), s.writer, s.writer_thread, pc_note(pc).c_str());
+    if (s.tma_bar && hopper_observed(me, (s.tma_bar - 1u) * 8u) < s.tma_phase)
+      fail("%s of %s written by a TMA load before this thread waited for it: the mbarrier at shared byte %u must "
+           "complete phase %u (try_wait.parity) first%s",
+           what, range(g * kGranule, kGranule).c_str(), (s.tma_bar - 1u) * 8u, s.tma_phase - 1u, pc_note(pc).c_str());
+    if (s.async_readers && write)
+      fail("%s into %s that an in-flight wgmma is still reading (no wgmma.wait_group before it)%s", what,
+           range(g * kGranule, kGranule).c_str(), pc_note(pc).c_str());
     if (write) {
       const uint32_t others = s.read_epoch == g_epoch ? (s.readers & ~warp_bit(warp)) : 0;
       if (others)
@@ -89,9 +115,17 @@ void check_granules(size_t offset, size_t bytes, bool write, const char* what, c
       s.write_epoch = g_epoch;
       s.writer = static_cast<uint16_t>(warp);
       s.writer_thread = static_cast<uint16_t>(me.info.linear);
+      s.tma_bar = 0;
+      s.generic_unfenced = 1;
+      s.writer_fences = me.hopper.proxy_fences;
     } else {
       if (s.read_epoch != g_epoch) s.read_epoch = g_epoch, s.readers = 0;
       s.readers |= warp_bit(warp);
+      if (warp < kStampWarps && hopper_active()) {
+        ReadStamps& r = g_stamps[g];
+        if (r.block != g_block_serial) r.block = g_block_serial, std::memset(r.stamp, 0, sizeof(r.stamp));
+        r.stamp[warp] = hopper_arrive_count(warp) + 1;
+      }
     }
   }
 }
@@ -105,7 +139,10 @@ void check_bounds(size_t offset, size_t bytes, const char* what, const void* pc)
 // A kernel's own load or store (through the hooks).
 inline void on_access(const void* addr, size_t bytes, bool write, const void* pc) {
   const uintptr_t offset = reinterpret_cast<uintptr_t>(addr) - g_base;
-  if (offset >= kSmemCapacity || !in_kernel()) return;
+  if (offset >= kSmemCapacity || !in_kernel()) {
+    if (g_wgmma_in_flight && in_kernel()) hopper_check_register_access(addr, bytes, write);
+    return;
+  }
   const char* what = write ? "store" : "load";
   check_bounds(offset, bytes, what, pc);
   check_granules(offset, bytes, write, what, pc);
@@ -128,7 +165,14 @@ void shared_begin_block(size_t dynamic_bytes) {
   std::memset(smem_raw, kPoisonByte, dynamic_bytes);
   std::memset(smem_raw + dynamic_bytes, kCanaryByte, std::min(kCanaryBytes, kSmemCapacity - dynamic_bytes));
   ++g_epoch;
-  for (size_t g = 0; g < (dynamic_bytes + kGranule - 1) / kGranule; ++g) g_shadow[g].inflight = 0;
+  ++g_block_serial;
+  for (size_t g = 0; g < (dynamic_bytes + kGranule - 1) / kGranule; ++g) {
+    Granule& s = g_shadow[g];
+    s.inflight = 0;
+    s.tma_bar = 0;
+    s.async_readers = 0;
+    s.generic_unfenced = 0;
+  }
 }
 
 void shared_end_block() {
@@ -138,7 +182,100 @@ void shared_end_block() {
            g_size, i);
 }
 
-void shared_barrier() { ++g_epoch; }
+void shared_barrier() {
+  ++g_epoch;
+  hopper_block_barrier();
+}
+
+void shared_tma_issue(uint32_t offset, uint32_t bytes, const Lane& issuer, const char* what) {
+  check_bounds(offset, bytes, what, nullptr);
+  for (size_t g = offset / kGranule; g <= (offset + bytes - 1) / kGranule; ++g) {
+    Granule& s = g_shadow[g];
+    if (s.inflight)
+      fail("%s into %s while an earlier asynchronous copy into it is still in flight", what,
+           range(g * kGranule, kGranule).c_str());
+    if (s.async_readers)
+      fail("%s into %s that an in-flight wgmma is still reading (its warpgroup has not passed wgmma.wait_group "
+           "and released the buffer)",
+           what, range(g * kGranule, kGranule).c_str());
+    const ReadStamps& r = g_stamps[g];
+    if (r.block == g_block_serial)
+      for (int w = 0; w < kStampWarps; ++w)
+        if (w != issuer.info.warp && r.stamp[w] > issuer.hopper.released[w])
+          fail("%s into %s that warp %d read, with no mbarrier arrive of that warp after its read observed by this "
+               "thread first (write-after-read: wait on the buffer's 'empty' barrier before reloading it)",
+               what, range(g * kGranule, kGranule).c_str(), w);
+    ++s.inflight;
+  }
+}
+
+void shared_tma_land(uint32_t offset, const void* data, uint32_t bytes, uint32_t bar_offset, uint32_t phase,
+                     int swizzle_bytes) {
+  std::memcpy(smem_raw + offset, data, bytes);
+  for (size_t g = offset / kGranule; g <= (offset + bytes - 1) / kGranule; ++g) {
+    Granule& s = g_shadow[g];
+    --s.inflight;
+    s.write_epoch = 0;  // the async proxy's write: ordered by the mbarrier, not by warps and barriers
+    s.tma_bar = static_cast<uint16_t>(bar_offset / 8 + 1);
+    s.tma_phase = phase;
+    s.tma_swizzle = static_cast<uint8_t>(swizzle_bytes / 32);
+    s.generic_unfenced = 0;
+    g_stamps[g].block = 0;
+  }
+}
+
+void shared_async_read(uint32_t offset, uint32_t bytes, int first_warp, std::vector<uint32_t>& granules,
+                       const char* what, int swizzle_bytes) {
+  check_bounds(offset, bytes, what, nullptr);
+  uint16_t cached_bar = 0;
+  uint32_t cached_min = 0;
+  int cached_thread = 0;
+  for (size_t g = offset / kGranule; g <= (offset + bytes - 1) / kGranule; ++g) {
+    Granule& s = g_shadow[g];
+    auto at = [&] { return range(g * kGranule, kGranule); };
+    if (s.inflight)
+      fail("%s of %s while a TMA load / cp.async into it is still in flight (its mbarrier phase has not completed)",
+           what, at().c_str());
+    if (s.tma_bar) {
+      if (s.tma_bar != cached_bar) {  // the least any thread of the warpgroup saw of this mbarrier
+        cached_bar = s.tma_bar;
+        cached_min = UINT32_MAX;
+        for (int t = 32 * first_warp; t < 32 * (first_warp + 4); ++t) {
+          const uint32_t seen = hopper_observed(lane_at(t), (s.tma_bar - 1u) * 8u);
+          if (seen < cached_min) cached_min = seen, cached_thread = t;
+        }
+      }
+      if (cached_min < s.tma_phase)
+        fail("%s of %s written by a TMA load that thread %d has not waited for: the mbarrier at shared byte %u must "
+             "complete phase %u first (try_wait.parity in every thread of the warpgroup)",
+             what, at().c_str(), cached_thread, (s.tma_bar - 1u) * 8u, s.tma_phase - 1u);
+    }
+    if (s.tma_bar && s.tma_swizzle != swizzle_bytes / 32)
+      fail("%s of %s: swizzle mismatch: the TMA load wrote it with %s, the wgmma descriptor reads it with %s", what,
+           at().c_str(), s.tma_swizzle ? (std::to_string(32 * s.tma_swizzle) + "-byte swizzling").c_str() : "no swizzling",
+           swizzle_bytes ? (std::to_string(swizzle_bytes) + "-byte swizzling").c_str() : "no swizzling");
+    if (s.generic_unfenced && lane_at(s.writer_thread).hopper.proxy_fences == s.writer_fences)
+      fail("%s of %s that thread %d wrote with ordinary stores and no fence.proxy.async after them (the async proxy "
+           "may not see the data)",
+           what, at().c_str(), s.writer_thread);
+    if (s.generic_unfenced && s.write_epoch == g_epoch && (s.writer < first_warp || s.writer >= first_warp + 4))
+      fail("shared-memory race: %s of %s that warp %d wrote since the last __syncthreads", what, at().c_str(),
+           s.writer);
+    ++s.async_readers;
+    granules.push_back(static_cast<uint32_t>(g));
+  }
+}
+
+void shared_async_read_done(const std::vector<uint32_t>& granules, int warp, bool last) {  // last: the op completed
+  for (uint32_t g : granules) {
+    if (last) --g_shadow[g].async_readers;
+    if (warp < kStampWarps) {
+      ReadStamps& r = g_stamps[g];
+      if (r.block != g_block_serial) r.block = g_block_serial, std::memset(r.stamp, 0, sizeof(r.stamp));
+      r.stamp[warp] = hopper_arrive_count(warp) + 1;
+    }
+  }
+}
 
 void shared_check_read(uint32_t offset, uint32_t bytes, const char* what) {
   check_bounds(offset, bytes, what, nullptr);

@@ -1,0 +1,228 @@
+// FlashAttention forward for Hopper (sm_90a): TMA loads tracked by mbarriers, wgmma for both
+// products, warp specialization. One CTA per (query block of 128 rows, head, batch), three
+// warpgroups:
+//   warpgroup 0, the producer: gives its registers back (setmaxnreg.dec) and one thread issues
+//     every TMA load: Q once, then K_j and V_j into a ring of kStages stages, each stage with a
+//     "full" barrier per operand (transaction bytes) and an "empty" barrier the consumers arrive
+//     on when they are done with it;
+//   warpgroups 1 and 2, the consumers: 64 query rows each (one m64 wgmma row block), registers
+//     raised (setmaxnreg.inc). Per key block: S = Q K^T on wgmma with both operands in shared
+//     memory (K-major, 128-byte swizzle), the band / sequence-end mask and FlashAttention's online
+//     softmax in registers (the fp32 accumulators of wgmma have mma.sync's row layout, so
+//     OnlineSoftmax and the P fragments are the FA2 kernel's), then O += P V on wgmma with P from
+//     registers and V in shared memory (MN-major: no transpose of V anywhere), then release the
+//     stage.
+// Q, K and V are read through rank-4 tensor maps (head dim, sequence, head, batch) whose boxes are
+// 64 columns (128 bytes) wide; a head dim of 128 or 256 is 2 or 4 such column panels. The maps
+// zero-fill past the sequence ends and the head dim, so tile edges need no code. Key blocks run
+// from last to first as in the FA2 kernel; heavy (late, causal) query blocks start first.
+// Not yet here (see csrc/cuda/README.md): the ping-pong schedule between the consumers, the
+// intra-warpgroup overlap of the next Q K^T with the softmax, a persistent tile scheduler, the
+// extras (masks, dropout, ALiBi, softcap, block-sparse: those run on the FA2 kernel), the backward.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "../attention_params.h"
+#include "online_softmax.h"
+#include "ptx.h"
+#include "ptx_sm90.h"
+#include "tile_masks.h"
+#include "warp_gemm.h"
+
+namespace flashattn::cuda {
+
+template <typename Element_, int kHeadDim_>
+struct Sm90FwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kConsumers = 2;               // consumer warpgroups, 64 query rows each
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kPanels = kHeadDim / 64;      // 64-column (128-byte) panels of a tile
+  static constexpr int kPanelQ = kBlockM * 128, kPanelKV = kBlockN * 128;  // bytes
+  static constexpr int kQBytes = kPanels * kPanelQ, kKVBytes = kPanels * kPanelKV;
+  static constexpr int kOffK = kQBytes, kOffV = kOffK + kStages * kKVBytes, kOffBars = kOffV + kStages * kKVBytes;
+  static constexpr int kBars = 1 + 3 * kStages;      // Q, then full K, full V, empty per stage
+  // + 1024: the buffers are aligned to the 128-byte swizzle's 1024-byte pattern at run time.
+  static constexpr int kSmemBytes = kOffBars + 8 * kBars + 1024;
+  // Registers per thread after setmaxnreg: 128 * (24 + 2 * 240) = 64512 <= 65536.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dims 64, 128, 256");
+};
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    fwd_sm90_kernel(const AttentionParams p, const __grid_constant__ sm90::TensorMap tm_q,
+                    const __grid_constant__ sm90::TensorMap tm_k, const __grid_constant__ sm90::TensorMap tm_v) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(FLASHATTN_CUDA_EMULATE)
+  using namespace sm90;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  constexpr int kStages = Traits::kStages, kPanels = Traits::kPanels;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024;
+  unsigned char* sQ = smem;
+  unsigned char* sK = smem + Traits::kOffK;
+  unsigned char* sV = smem + Traits::kOffV;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Traits::kOffBars);
+  uint64_t* bar_q = bars;
+  uint64_t* full_k = bars + 1;
+  uint64_t* full_v = bars + 1 + kStages;
+  uint64_t* empty = bars + 1 + 2 * kStages;
+
+  const int64_t bh = blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z;
+  if (bh >= p.batch * p.num_heads) return;
+  const int64_t b = bh / p.num_heads, h = bh % p.num_heads;
+  const int64_t h_k = h / (p.num_heads / p.num_heads_k);
+  const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
+  const int64_t m_last = (p.seqlen_q - m0 < kBlockM ? p.seqlen_q : m0 + kBlockM) - 1;
+  const int64_t key_begin = band_key_begin(p, m0), key_end = band_key_end(p, m_last);
+  const int64_t n_block_min = key_begin / kBlockN;
+  const int64_t n_block_max = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : n_block_min;
+
+  if (threadIdx.x == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full_k[s], 1);
+      mbar_init(&full_v[s], 1);
+      mbar_init(&empty[s], 4 * Traits::kConsumers);  // one arrive per consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    // ---- producer ----
+    setmaxnreg_dec<Traits::kProducerRegs>();
+    if (threadIdx.x == 0) {
+      mbar_arrive_expect_tx(bar_q, Traits::kQBytes);
+      for (int pn = 0; pn < kPanels; ++pn)
+        tma_load_4d(sQ + pn * Traits::kPanelQ, &tm_q, bar_q, 64 * pn, static_cast<int>(m0), static_cast<int>(h),
+                    static_cast<int>(b));
+      int i = 0;
+      for (int64_t n_block = n_block_max - 1; n_block >= n_block_min; --n_block, ++i) {
+        const int s = i % kStages;
+        const uint32_t phase = (i / kStages) & 1;
+        mbar_wait(&empty[s], phase ^ 1);  // the first pass through the ring finds every stage free
+        const int n0 = static_cast<int>(n_block * kBlockN);
+        mbar_arrive_expect_tx(&full_k[s], Traits::kKVBytes);
+        for (int pn = 0; pn < kPanels; ++pn)
+          tma_load_4d(sK + s * Traits::kKVBytes + pn * Traits::kPanelKV, &tm_k, &full_k[s], 64 * pn, n0,
+                      static_cast<int>(h_k), static_cast<int>(b));
+        mbar_arrive_expect_tx(&full_v[s], Traits::kKVBytes);
+        for (int pn = 0; pn < kPanels; ++pn)
+          tma_load_4d(sV + s * Traits::kKVBytes + pn * Traits::kPanelKV, &tm_v, &full_v[s], 64 * pn, n0,
+                      static_cast<int>(h_k), static_cast<int>(b));
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  setmaxnreg_inc<Traits::kConsumerRegs>();
+  const int consumer = warpgroup - 1;
+  const int row0 = 64 * consumer + 16 * ((threadIdx.x / 32) % 4);  // this warp's first row in the block
+  const AccCoord acc;
+  const uint32_t q_addr = smem_u32(sQ) + consumer * 64 * 128;
+  const uint32_t k_addr = smem_u32(sK), v_addr = smem_u32(sV);
+
+  float acc_o[1][kHeadDim / 8][4];
+  zero(acc_o);
+  OnlineSoftmax<1> softmax(static_cast<float>(p.softmax_scale) * kLog2e);
+  mbar_wait(bar_q, 0);
+
+  int i = 0;
+  for (int64_t n_block = n_block_max - 1; n_block >= n_block_min; --n_block, ++i) {
+    const int s = i % kStages;
+    const uint32_t phase = (i / kStages) & 1;
+    const int64_t n0 = n_block * kBlockN;
+
+    // S = Q K^T: K-major operands, 16 columns of the head dim per wgmma (32 bytes into a panel row).
+    float acc_s[1][kBlockN / 8][4];
+    mbar_wait(&full_k[s], phase);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const uint32_t panel = (kk / 4), step = 32 * (kk % 4);
+      const uint64_t desc_q = smem_desc_128b(q_addr + panel * Traits::kPanelQ + step, 16, 1024);
+      const uint64_t desc_k = smem_desc_128b(k_addr + s * Traits::kKVBytes + panel * Traits::kPanelKV + step, 16, 1024);
+      wgmma_ss<Element, kBlockN>(&acc_s[0][0][0], desc_q, desc_k, kk > 0 ? 1 : 0, std::integral_constant<int, 0>{});
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) fence_operand(acc_s[0][nt][e]);
+
+    // The band and the sequence ends, only where this tile needs them.
+    if (!(n0 + kBlockN <= p.seqlen_k && band_key_begin(p, m_last) <= n0 && band_key_end(p, m0) >= n0 + kBlockN)) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const KeyInterval keys = band_interval<kBlockN>(p, m0 + row0 + acc.g + 8 * half, n0);
+#pragma unroll
+        for (int nt = 0; nt < kBlockN / 8; ++nt)
+#pragma unroll
+          for (int e = 2 * half; e < 2 * half + 2; ++e) {
+            const int col = acc.col(0, nt, e);
+            if (col < keys.lo || col >= keys.hi) acc_s[0][nt][e] = -INFINITY;
+          }
+      }
+    }
+    softmax.step(acc_s, acc_o);
+    uint32_t p_frag[1][kBlockN / 16][4];
+    acc_to_a_fragments<Element>(p_frag, acc_s);
+
+    // O += P V: P from registers, V MN-major (its head dim contiguous): 16 keys per wgmma, the
+    // next 8 keys 1024 bytes on (SBO), the next 64 head-dim columns one panel on (LBO).
+    mbar_wait(&full_v[s], phase);
+#pragma unroll
+    for (int nt = 0; nt < kHeadDim / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) fence_operand(acc_o[0][nt][e]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks) {
+      const uint64_t desc_v = smem_desc_128b(v_addr + s * Traits::kKVBytes + ks * 16 * 128, Traits::kPanelKV, 1024);
+      wgmma_rs<Element, kHeadDim>(&acc_o[0][0][0], p_frag[0][ks], desc_v, 1, std::integral_constant<int, 1>{});
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int nt = 0; nt < kHeadDim / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) fence_operand(acc_o[0][nt][e]);
+    if (threadIdx.x % 32 == 0) mbar_arrive(&empty[s]);  // this warp is done with the stage
+  }
+
+  // Epilogue: O /= row_sum, lse; rows that saw no key: O = 0, lse = -inf. Straight from registers.
+  float* lse = p.lse + bh * p.seqlen_q;
+  softmax.finalize(acc_o, 1.f, [&](int, int half, auto&& row_lse) {
+    const int64_t row = m0 + row0 + acc.g + 8 * half;
+    if (acc.t == 0 && row < p.seqlen_q) lse[row] = row_lse();
+  });
+  Element* out = static_cast<Element*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t row = m0 + row0 + acc.g + 8 * half;
+    if (row >= p.seqlen_q) continue;
+#pragma unroll
+    for (int nt = 0; nt < kHeadDim / 8; ++nt) {
+      const int col = acc.col(0, nt, 0);
+      if (col < p.headdim_v)
+        *reinterpret_cast<uint32_t*>(out + row * p.o_row_stride + col) =
+            pack2<Element>(acc_o[0][nt][2 * half], acc_o[0][nt][2 * half + 1]);
+    }
+  }
+#endif
+}
+
+}  // namespace flashattn::cuda

@@ -1,0 +1,60 @@
+// Definition of launch_fwd_sm90 for one (dtype, head-dim bucket): the tensor maps of Q, K and V
+// and the launch of fwd_sm90_kernel. Included only by the instantiations/fwd_sm90_*.cu files.
+#pragma once
+
+#include "fwd_sm90.cuh"
+#include "grid.h"
+#include "launch_templates.h"
+
+namespace flashattn::cuda {
+
+namespace sm90_detail {
+// A rank-4 map (head dim, rows, heads, batch) of 16-bit elements with boxes of 64 columns x
+// box_rows rows, 128-byte swizzle. A dimension of extent 1 gets a nominal stride (its coordinate
+// is always 0), so broadcast or arbitrary strides there do not refuse the map.
+inline cudaError_t make_map(sm90::TensorMap* map, const void* base, int64_t cols, int64_t rows, int64_t heads,
+                            int64_t batch, int64_t row_stride, int64_t head_stride, int64_t batch_stride,
+                            int box_rows) {
+  const uint64_t dims[4] = {static_cast<uint64_t>(cols), static_cast<uint64_t>(rows), static_cast<uint64_t>(heads),
+                            static_cast<uint64_t>(batch)};
+  int64_t strides[3] = {row_stride, head_stride, batch_stride};
+  int64_t span = cols;
+  for (int i = 0; i < 3; ++i) {
+    if (dims[i + 1] == 1) strides[i] = (span + 7) / 8 * 8;
+    span = strides[i] * static_cast<int64_t>(dims[i + 1]);
+  }
+  uint64_t bytes[3];
+  for (int i = 0; i < 3; ++i) {
+    if (strides[i] <= 0) return cudaErrorNotSupported;
+    bytes[i] = static_cast<uint64_t>(strides[i]) * 2;
+  }
+  const uint32_t box[4] = {64, static_cast<uint32_t>(box_rows), 1, 1};
+  return sm90::encode_tensor_map(map, base, 4, 2, dims, bytes, box, 128) == cudaSuccess ? cudaSuccess
+                                                                                       : cudaErrorNotSupported;
+}
+}  // namespace sm90_detail
+
+// cudaErrorNotSupported: the maps cannot describe these tensors (the caller takes the FA2 kernel).
+template <typename Element, int kHeadDim>
+cudaError_t launch_fwd_sm90(const AttentionParams& p, cudaStream_t stream) {
+  using Traits = Sm90FwdTraits<Element, kHeadDim>;
+  const int64_t m_blocks = ceil_div(p.seqlen_q, Traits::kBlockM);
+  if (m_blocks == 0 || p.batch * p.num_heads == 0) return cudaSuccess;
+  sm90::TensorMap tm_q, tm_k, tm_v;
+  using sm90_detail::make_map;
+  if (make_map(&tm_q, p.q, p.headdim, p.seqlen_q, p.num_heads, p.batch, p.q_row_stride, p.q_head_stride,
+               p.q_batch_stride, Traits::kBlockM) != cudaSuccess ||
+      make_map(&tm_k, p.k, p.headdim, p.seqlen_k, p.num_heads_k, p.batch, p.k_row_stride, p.k_head_stride,
+               p.k_batch_stride, Traits::kBlockN) != cudaSuccess ||
+      make_map(&tm_v, p.v, p.headdim_v, p.seqlen_k, p.num_heads_k, p.batch, p.v_row_stride, p.v_head_stride,
+               p.v_batch_stride, Traits::kBlockN) != cudaSuccess)
+    return cudaErrorNotSupported;
+  auto kernel = fwd_sm90_kernel<Traits>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  FLASHATTN_LAUNCH(tile_grid(m_blocks, p.batch * p.num_heads), Traits::kThreads, Traits::kSmemBytes, stream,
+                   fwd_sm90_kernel<Traits>)(p, tm_q, tm_k, tm_v);
+  return cudaGetLastError();
+}
+
+}  // namespace flashattn::cuda

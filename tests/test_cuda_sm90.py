@@ -1,0 +1,139 @@
+"""The Hopper forward (csrc/cuda/fwd_sm90.cuh: TMA loads on mbarriers, wgmma, a producer
+warpgroup and two consumer warpgroups) against the float64 reference, on an sm90 GPU with a 9.0a
+build and under the host emulator with its Hopper instructions (emulated_cuda(hopper=True)).
+
+The tolerance rule is test_cuda.py's: at most twice the error of the same math in the inputs'
+dtype, plus 1e-4. Outputs are poisoned before each run. Each emulated case also checks that the
+Hopper kernel ran (its blocks have 384 threads; the FA2 kernels' 128 or 256) or, for calls it does
+not take, that it did not. An emulator pass is not a GPU pass.
+"""
+
+import pytest
+import torch
+
+import cuda_testing as ct
+import flashattn_ext
+from cuda_testing import assert_close, rand, reference
+from flashattn_ext.testing import emulator_stats, emulator_unavailable_reason, poison_outputs
+
+LOW = [torch.float16, torch.bfloat16]
+HOPPER_THREADS = 384
+
+
+def _params():
+    params = []
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        params.append(pytest.param(("cuda", None), marks=pytest.mark.cuda, id="gpu"))
+    why = emulator_unavailable_reason()
+    for s in ct.EMULATED_SCHEDULES:
+        marks = [pytest.mark.cuda_emulated]
+        if why:
+            marks.append(pytest.mark.skip(reason=f"CUDA emulator unavailable: {why}"))
+        params.append(pytest.param(("emulated", s), marks=marks, id=f"emu-{s}"))
+    return params
+
+
+@pytest.fixture(params=_params())
+def hopper(request):
+    with ct.activate(request.param, hopper=True):
+        yield ct.DEV
+
+
+def run(fn, expect_hopper=True):
+    """fn() with poisoned outputs; under the emulator, checks which forward kernel ran."""
+    before = emulator_stats() if ct.EMULATED else None
+    with poison_outputs():
+        out = fn()
+    if ct.EMULATED:
+        after = emulator_stats()
+        blocks, threads = after["blocks"] - before["blocks"], after["threads"] - before["threads"]
+        assert blocks > 0
+        ran_hopper = threads == HOPPER_THREADS * blocks
+        assert ran_hopper == expect_hopper, f"Hopper kernel ran: {ran_hopper}, expected {expect_hopper}"
+    return out
+
+
+def check(q, k, v, name, expect_hopper=True, **kw):
+    """flash_attn_func layout (B, L, H, D): out and lse against the fp64 reference."""
+    out, lse = run(lambda: flashattn_ext.flash_attn_func(q, k, v, return_lse=True, **kw), expect_hopper)
+    tr = [t.transpose(1, 2) for t in (q, k, v)]
+    ref_kw = dict(causal=kw.get("causal", False), bottom_right=True, window=kw.get("window_size", (-1, -1)))
+    ref_out, ref_lse = reference(*[t.double() for t in tr], **ref_kw)
+    base_out = reference(*tr, dtype=q.dtype, **ref_kw)[0]
+    assert_close(f"{name} out", out.transpose(1, 2), ref_out, base_out)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), f"{name}: lse -inf pattern differs"
+    assert torch.allclose(lse[finite], ref_lse[finite].float(), atol=2e-2, rtol=0), f"{name}: lse"
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_buckets(hopper, dtype, head_dim, causal):
+    # L and S not multiples of the tiles (128 x 128, 128 x 64 for d = 256): partial boxes zero-fill.
+    q, k, v = rand(1, 150, 2, head_dim, dtype=dtype), rand(1, 200, 2, head_dim, dtype=dtype), rand(1, 200, 2, head_dim, dtype=dtype)
+    check(q, k, v, f"d={head_dim} causal={causal}", causal=causal)
+
+
+@pytest.mark.parametrize("E,Ev", [(40, 40), (100, 100), (200, 200), (64, 128), (128, 72)])
+def test_head_dims_inside_a_bucket(hopper, E, Ev):
+    """Head dims below the bucket: the tensor maps zero-fill the columns past E / Ev."""
+    q, k, v = rand(1, 70, 2, E), rand(1, 90, 2, E), rand(1, 90, 2, Ev)
+    check(q, k, v, f"E={E} Ev={Ev}")
+
+
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 300), (300, 1), (129, 128), (100, 260)])
+def test_lengths(hopper, L, S):
+    q, k, v = rand(2, L, 2, 64), rand(2, S, 2, 64), rand(2, S, 2, 64)
+    check(q, k, v, f"L={L} S={S} causal", causal=True)  # bottom-right: L > S leaves rows without keys
+
+
+@pytest.mark.parametrize("heads_k", [1, 2])
+def test_gqa(hopper, heads_k):
+    q, k, v = rand(1, 100, 4, 128), rand(1, 140, heads_k, 128), rand(1, 140, heads_k, 128)
+    check(q, k, v, f"GQA 4/{heads_k}", causal=True)
+
+
+@pytest.mark.parametrize("window", [(32, 0), (20, 20), (-1, 8)])
+def test_sliding_window(hopper, window):
+    q, k, v = rand(1, 200, 2, 64), rand(1, 260, 2, 64), rand(1, 260, 2, 64)
+    check(q, k, v, f"window={window}", window_size=window)
+
+
+def test_sdpa_layout_and_scale(hopper):
+    """(B, H, L, D) through scaled_dot_product_attention: other strides for the tensor maps."""
+    q, k, v = rand(2, 2, 90, 64), rand(2, 2, 130, 64), rand(2, 2, 130, 64)
+    out = run(lambda: flashattn_ext.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3))
+    ref = reference(q.double(), k.double(), v.double(), causal=True, scale=0.3)[0]
+    base = reference(q, k, v, dtype=q.dtype, causal=True, scale=0.3)[0]
+    assert_close("sdpa layout", out, ref, base)
+
+
+def test_calls_it_does_not_take_run_the_fa2_kernel(hopper):
+    """An attn_mask (an extra) and a misaligned view go to the FA2 kernel, still exact."""
+    q, k, v = rand(1, 2, 70, 64), rand(1, 2, 90, 64), rand(1, 2, 90, 64)
+    mask = torch.rand(70, 90, device=q.device) > 0.3
+    out = run(lambda: flashattn_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask), expect_hopper=False)
+    ref = reference(q.double(), k.double(), v.double(), attn_mask=mask)[0]
+    assert_close("masked", out, ref, reference(q, k, v, dtype=q.dtype, attn_mask=mask)[0])
+    wide = rand(1, 2, 70, 72)
+    qs = wide[..., 1:65]  # rows of 144 bytes starting 2 bytes in: no 16-byte alignment for TMA
+    out = run(lambda: flashattn_ext.scaled_dot_product_attention(qs, k, v), expect_hopper=False)
+    ref = reference(qs.double(), k.double(), v.double())[0]
+    assert_close("misaligned", out, ref, reference(qs, k, v, dtype=q.dtype)[0])
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.skipif(emulator_unavailable_reason() is not None, reason="CUDA emulator unavailable")
+@pytest.mark.parametrize("schedule,at_issue", [("warp-reverse", False), ("random", False), ("lockstep", True)])
+def test_other_schedules(schedule, at_issue):
+    """The schedules CI runs on one case per kernel elsewhere: warps in reverse, random switches, and
+    TMA data landing at issue instead of at the consumer's wait."""
+    from flashattn_ext.testing import emulated_cuda
+    ct.DEV, ct.EMULATED = "cpu", True
+    try:
+        with emulated_cuda(schedule, seed=3, copies_land_at_issue=at_issue, hopper=True):
+            q, k, v = rand(1, 140, 2, 128), rand(1, 150, 2, 128), rand(1, 150, 2, 128)
+            check(q, k, v, f"{schedule} at_issue={at_issue}", causal=True)
+    finally:
+        ct.DEV, ct.EMULATED = "cuda", False
