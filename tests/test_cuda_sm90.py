@@ -75,9 +75,10 @@ def test_buckets(hopper, dtype, head_dim, causal):
     check(q, k, v, f"d={head_dim} causal={causal}", causal=causal)
 
 
-@pytest.mark.parametrize("E,Ev", [(40, 40), (100, 100), (200, 200), (64, 128), (128, 72)])
+@pytest.mark.parametrize("E,Ev", [(40, 40), (96, 96), (200, 200), (64, 128), (128, 72)])
 def test_head_dims_inside_a_bucket(hopper, E, Ev):
-    """Head dims below the bucket: the tensor maps zero-fill the columns past E / Ev."""
+    """Head dims below the bucket: the tensor maps zero-fill the columns past E / Ev. (Rows must
+    be a multiple of 16 bytes for TMA, so E % 8 == 0 here; other head dims take the FA2 kernel.)"""
     q, k, v = rand(1, 70, 2, E), rand(1, 90, 2, E), rand(1, 90, 2, Ev)
     check(q, k, v, f"E={E} Ev={Ev}")
 
@@ -116,6 +117,10 @@ def test_calls_it_does_not_take_run_the_fa2_kernel(hopper):
     out = run(lambda: flashattn_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask), expect_hopper=False)
     ref = reference(q.double(), k.double(), v.double(), attn_mask=mask)[0]
     assert_close("masked", out, ref, reference(q, k, v, dtype=q.dtype, attn_mask=mask)[0])
+    q100, k100, v100 = rand(1, 2, 70, 100), rand(1, 2, 90, 100), rand(1, 2, 90, 100)  # 200-byte rows
+    out = run(lambda: flashattn_ext.scaled_dot_product_attention(q100, k100, v100), expect_hopper=False)
+    ref = reference(q100.double(), k100.double(), v100.double())[0]
+    assert_close("d=100", out, ref, reference(q100, k100, v100, dtype=q.dtype)[0])
     wide = rand(1, 2, 70, 72)
     qs = wide[..., 1:65]  # rows of 144 bytes starting 2 bytes in: no 16-byte alignment for TMA
     out = run(lambda: flashattn_ext.scaled_dot_product_attention(qs, k, v), expect_hopper=False)

@@ -118,11 +118,43 @@ MUTANTS = [
      "    any = any || mods.mask_allows(p, i, j);",
      "extras kernels: the mask pre-pass reads mask elements past the sequence ends",
      "test_attn_mask and bool and shape0 and 64"),
+    # The Hopper forward (fwd_sm90.cuh: TMA + mbarrier + wgmma), tests/test_cuda_sm90.py.
+    ("M32", "cuda/fwd_sm90.cuh", "    mbar_wait(&full_v[s], phase);\n", "",
+     "Hopper forward: P V without waiting for V's TMA load", "tests/test_cuda_sm90.py::test_buckets and 128 and full"),
+    ("M33", "cuda/fwd_sm90.cuh", "ks * 16 * 128, Traits::kPanelKV, 1024);", "ks * 16 * 128, 1024, Traits::kPanelKV);",
+     "Hopper forward: V descriptor with LBO and SBO swapped", "tests/test_cuda_sm90.py::test_buckets and 128 and full"),
+    ("M34", "cuda/fwd_sm90.cuh", "mbar_init(&empty[s], 4 * Traits::kConsumers);", "mbar_init(&empty[s], 4);",
+     "Hopper forward: a stage is free after one consumer warpgroup's release", "tests/test_cuda_sm90.py::test_lengths"),
+    ("M35", "cuda/fwd_sm90.cuh", "mbar_wait(&empty[s], phase ^ 1);", "mbar_wait(&empty[s], phase);",
+     "Hopper forward: producer waits for the wrong phase of the empty barrier", "tests/test_cuda_sm90.py::test_lengths"),
+    ("M36", "cuda/fwd_sm90.cuh", "mbar_wait(&full_k[s], phase);", "mbar_wait(&full_k[s], phase ^ 1);",
+     "Hopper forward: consumers wait for the wrong phase of K's barrier",
+     "tests/test_cuda_sm90.py::test_buckets and 64 and full"),
+    ("M37", "cuda/fwd_sm90.cuh", "step = 32 * (kk % 4);", "step = 16 * (kk % 4);",
+     "Hopper forward: Q K^T k-step of 8 columns instead of 16", "tests/test_cuda_sm90.py::test_buckets and 128 and full"),
+    ("M38", "cuda/fwd_sm90.cuh", "if (col < keys.lo || col >= keys.hi) acc_s[0][nt][e] = -INFINITY;",
+     "if (col < keys.lo || col > keys.hi) acc_s[0][nt][e] = -INFINITY;", "Hopper forward: band edge off by one",
+     "tests/test_cuda_sm90.py::test_buckets and causal and 64"),
+    ("M39", "cuda/ptx_sm90.h", "static_cast<uint64_t>(1) << 62;", "static_cast<uint64_t>(2) << 62;",
+     "Hopper: descriptors say 64-byte swizzle, TMA writes 128-byte", "tests/test_cuda_sm90.py::test_buckets and 64 and full"),
+    ("M40", "cuda/fwd_sm90.cuh", "    wgmma_wait<0>();\n#pragma unroll\n    for (int nt = 0; nt < kHeadDim / 8; ++nt)",
+     "#pragma unroll\n    for (int nt = 0; nt < kHeadDim / 8; ++nt)",
+     "Hopper forward: no wgmma.wait_group after P V (O read in flight)",
+     "tests/test_cuda_sm90.py::test_buckets and 64 and full"),
+    ("M41", "cuda/fwd_sm90.cuh", "smem_u32(sQ) + consumer * 64 * 128;", "smem_u32(sQ);",
+     "Hopper forward: both consumers read the first 64 query rows", "tests/test_cuda_sm90.py::test_buckets and 64 and full"),
+    ("M42", "cuda/fwd_sm90.cuh", "    setmaxnreg_dec<Traits::kProducerRegs>();\n", "",
+     "Hopper forward: the producer keeps its registers", "tests/test_cuda_sm90.py::test_buckets and 64 and full"),
 ]
 
 # Report text -> the check that fired.
 CHECKS = [
-    ("still in flight", "cp.async in flight (shadow)"),
+    ("still in flight", "cp.async / TMA in flight (shadow)"),
+    ("written by a TMA load", "TMA data read before its mbarrier wait (shadow)"),
+    ("swizzle mismatch", "TMA / wgmma swizzle mismatch (shadow)"),
+    ("wgmma accumulator register", "wgmma accumulators read before wait_group"),
+    ("that warp", "write-after-read through mbarriers (shadow)"),
+    ("setmaxnreg", "register budget (setmaxnreg)"),
     ("shared-memory race", "shared-memory race (shadow)"),
     ("deadlock", "deadlock detection"),
     ("different barriers", "barrier divergence"),
@@ -158,7 +190,10 @@ def failing_test(output):
 
 def run_tests(lib, selection, timeout):
     env = dict(os.environ, FLASHATTN_EMULATOR_LIBRARY=lib)
-    cmd = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+    test_file = "tests/test_cuda.py"
+    if "::" in selection:
+        test_file, selection = selection.split("::", 1)
+    cmd = [sys.executable, "-m", "pytest", test_file, "-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
            "-k", f"{SCHEDULES} and ({selection})"]
     start = time.time()
     try:
@@ -222,12 +257,17 @@ def main():
         check = ("compile error" if out == "does not compile" else classify(out)) if caught else "-"
         rows.append((name, rel, what, "yes" if caught else "**NO**", check, failing_test(out), f"{build_secs + secs:.0f}"))
         print(f"{name} {'caught' if caught else 'NOT CAUGHT'}: {what} -> {check} ({failing_test(out)})", flush=True)
+    if args.only and os.path.exists(args.out):  # keep the other mutants' rows of the last full run
+        redone = {r[0] for r in rows}
+        old_rows = [tuple(c.strip() for c in line.strip().strip("|").split("|"))
+                    for line in open(args.out) if re.match(r"\| M\d+ ", line)]
+        rows = sorted([r for r in old_rows if r[0] not in redone] + rows, key=lambda r: int(r[0][1:]))
     caught = sum(r[3] == "yes" for r in rows)
     with open(args.out, "w") as f:
         f.write("# Planted bugs and the emulated suite\n\n")
         f.write(f"`python csrc/cuda/emulator/mutate.py` ({time.strftime('%Y-%m-%d')}): each bug planted alone in a copy "
                 f"of csrc/, the emulator library rebuilt (head dims {', '.join(map(str, HEADDIMS))}), the listed "
-                f"selection of tests/test_cuda.py run under the lockstep and warp schedules, first failure reported. "
+                f"selection of tests/test_cuda.py (or the file named) run under the lockstep and warp schedules, first failure reported. "
                 f"The unmutated sources pass every selection. **{caught} of {len(rows)} caught.**\n\n")
         f.write("| mutant | file | planted bug | caught | by | first failing test | s |\n|---|---|---|---|---|---|---|\n")
         for r in rows:
