@@ -16,9 +16,10 @@
 // 64 columns (128 bytes) wide; a head dim of 128 or 256 is 2 or 4 such column panels. The maps
 // zero-fill past the sequence ends and the head dim, so tile edges need no code. Key blocks run
 // from last to first as in the FA2 kernel; heavy (late, causal) query blocks start first.
-// Not yet here (see csrc/cuda/README.md): the ping-pong schedule between the consumers, the
-// intra-warpgroup overlap of the next Q K^T with the softmax, a persistent tile scheduler, the
-// extras (masks, dropout, ALiBi, softcap, block-sparse: those run on the FA2 kernel), the backward.
+// FA3's two schedules are here: the consumers ping-pong their GEMMs (named barriers), and within a
+// consumer the next tile's Q K^T overlaps the softmax while P V runs. Not yet here (see
+// csrc/cuda/README.md): a persistent tile scheduler, the extras (masks, dropout, ALiBi, softcap,
+// block-sparse: those run on the FA2 kernel), the backward.
 #pragma once
 
 #include <cmath>
@@ -139,31 +140,54 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   OnlineSoftmax<1> softmax(static_cast<float>(p.softmax_scale) * kLog2e);
   mbar_wait(bar_q, 0);
 
-  int i = 0;
-  for (int64_t n_block = n_block_max - 1; n_block >= n_block_min; --n_block, ++i) {
-    const int s = i % kStages;
-    const uint32_t phase = (i / kStages) & 1;
-    const int64_t n0 = n_block * kBlockN;
+  // Ping-pong (FA3): the two consumers take turns issuing their GEMMs, so one's softmax runs while
+  // the other's products occupy the tensor cores. Named barrier 1 + c is consumer c's turn: it
+  // syncs on it (its 128 threads) and the other consumer arrives on it (128 more) when it has
+  // issued. Consumer 0 goes first.
+  constexpr int kTurnThreads = 256;
+  auto my_turn = [&] { named_barrier_sync(1 + consumer, kTurnThreads); };
+  auto your_turn = [&] { named_barrier_arrive(1 + (1 - consumer), kTurnThreads); };
 
-    // S = Q K^T: K-major operands, 16 columns of the head dim per wgmma (32 bytes into a panel row).
-    float acc_s[1][kBlockN / 8][4];
-    mbar_wait(&full_k[s], phase);
+  // S = Q K^T of the tile in `stage`: K-major operands, 16 head-dim columns per wgmma (32 bytes
+  // into a panel row), committed as one group.
+  auto issue_qk = [&](float (&acc_s)[1][kBlockN / 8][4], int stage) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       const uint32_t panel = (kk / 4), step = 32 * (kk % 4);
       const uint64_t desc_q = smem_desc_128b(q_addr + panel * Traits::kPanelQ + step, 16, 1024);
-      const uint64_t desc_k = smem_desc_128b(k_addr + s * Traits::kKVBytes + panel * Traits::kPanelKV + step, 16, 1024);
+      const uint64_t desc_k =
+          smem_desc_128b(k_addr + stage * Traits::kKVBytes + panel * Traits::kPanelKV + step, 16, 1024);
       wgmma_ss<Element, kBlockN>(&acc_s[0][0][0], desc_q, desc_k, kk > 0 ? 1 : 0, std::integral_constant<int, 0>{});
     }
     wgmma_commit();
-    wgmma_wait<0>();
+  };
+  // O += P V of the tile in `stage`: P from registers, V MN-major (its head dim contiguous), 16
+  // keys per wgmma; the next 8 keys 1024 bytes on (SBO), the next 64 head-dim columns one panel on (LBO).
+  auto issue_pv = [&](const uint32_t (&p_frag)[1][kBlockN / 16][4], int stage) {
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks) {
+      const uint64_t desc_v = smem_desc_128b(v_addr + stage * Traits::kKVBytes + ks * 16 * 128, Traits::kPanelKV, 1024);
+      wgmma_rs<Element, kHeadDim>(&acc_o[0][0][0], p_frag[0][ks], desc_v, 1, std::integral_constant<int, 1>{});
+    }
+    wgmma_commit();
+  };
+  auto fence_o = [&] {
+#pragma unroll
+    for (int nt = 0; nt < kHeadDim / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) fence_operand(acc_o[0][nt][e]);
+  };
+  // The band and the sequence ends, only where the tile needs them; then the softmax step
+  // (maxima, sums, P; O's rescale is returned in `correction`) and P as A fragments.
+  auto scores_to_probs = [&](float (&acc_s)[1][kBlockN / 8][4], int64_t n_block, float (&correction)[1][2],
+                             uint32_t (&p_frag)[1][kBlockN / 16][4]) {
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) fence_operand(acc_s[0][nt][e]);
-
-    // The band and the sequence ends, only where this tile needs them.
+    const int64_t n0 = n_block * kBlockN;
     if (!(n0 + kBlockN <= p.seqlen_k && band_key_begin(p, m_last) <= n0 && band_key_end(p, m0) >= n0 + kBlockN)) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -177,30 +201,58 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           }
       }
     }
-    softmax.step(acc_s, acc_o);
-    uint32_t p_frag[1][kBlockN / 16][4];
+    softmax.step_scores(acc_s, correction);
     acc_to_a_fragments<Element>(p_frag, acc_s);
+  };
 
-    // O += P V: P from registers, V MN-major (its head dim contiguous): 16 keys per wgmma, the
-    // next 8 keys 1024 bytes on (SBO), the next 64 head-dim columns one panel on (LBO).
-    mbar_wait(&full_v[s], phase);
-#pragma unroll
-    for (int nt = 0; nt < kHeadDim / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) fence_operand(acc_o[0][nt][e]);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      const uint64_t desc_v = smem_desc_128b(v_addr + s * Traits::kKVBytes + ks * 16 * 128, Traits::kPanelKV, 1024);
-      wgmma_rs<Element, kHeadDim>(&acc_o[0][0][0], p_frag[0][ks], desc_v, 1, std::integral_constant<int, 1>{});
+  // FA3's intra-warpgroup overlap: the next tile's Q K^T is issued together with this tile's
+  // P V, and its softmax runs while P V is in flight; O is rescaled once P V has landed.
+  // Iteration j (0-based, over key blocks from the last) uses stage j % kStages.
+  const int n_tiles = static_cast<int>(n_block_max - n_block_min);
+  if (consumer == 1 && n_tiles > 0) your_turn();
+  if (n_tiles > 0) {
+    uint32_t p_frag[1][kBlockN / 16][4];
+    float correction[1][2];
+    {
+      float acc_s[1][kBlockN / 8][4];
+      mbar_wait(&full_k[0], 0);
+      my_turn();
+      issue_qk(acc_s, 0);
+      if (!(consumer == 1 && n_tiles == 1)) your_turn();
+      wgmma_wait<0>();
+      scores_to_probs(acc_s, n_block_max - 1, correction, p_frag);
     }
-    wgmma_commit();
+    for (int j = 1; j < n_tiles; ++j) {
+      const int s = j % kStages, prev = (j - 1) % kStages;
+      float acc_s[1][kBlockN / 8][4];
+      mbar_wait(&full_k[s], (j / kStages) & 1);
+      mbar_wait(&full_v[prev], ((j - 1) / kStages) & 1);
+      my_turn();
+      fence_o();
+      issue_qk(acc_s, s);
+      issue_pv(p_frag, prev);
+      if (!(consumer == 1 && j == n_tiles - 1)) your_turn();
+      wgmma_wait<1>();  // S_j landed; P_{j-1} V_{j-1} may still run
+      float next_correction[1][2];
+      uint32_t next_p[1][kBlockN / 16][4];
+      scores_to_probs(acc_s, n_block_max - 1 - j, next_correction, next_p);
+      wgmma_wait<0>();
+      fence_o();
+      softmax.rescale(acc_o, next_correction);
+      if (threadIdx.x % 32 == 0) mbar_arrive(&empty[prev]);  // this warp is done with stage prev
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) p_frag[0][ks][r] = next_p[0][ks][r];
+    }
+    // The last tile's P V.
+    const int last = (n_tiles - 1) % kStages;
+    mbar_wait(&full_v[last], ((n_tiles - 1) / kStages) & 1);
+    fence_o();
+    issue_pv(p_frag, last);
     wgmma_wait<0>();
-#pragma unroll
-    for (int nt = 0; nt < kHeadDim / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) fence_operand(acc_o[0][nt][e]);
-    if (threadIdx.x % 32 == 0) mbar_arrive(&empty[s]);  // this warp is done with the stage
+    fence_o();
+    if (threadIdx.x % 32 == 0) mbar_arrive(&empty[last]);
   }
 
   // Epilogue: O /= row_sum, lse; rows that saw no key: O = 0, lse = -inf. Straight from registers.

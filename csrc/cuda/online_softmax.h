@@ -29,6 +29,15 @@ struct OnlineSoftmax {
   // its rows' maxima and acc_s becomes P (masked scores, -inf, give 0).
   template <int kNT, int kOutNT>
   __device__ __forceinline__ void step(float (&acc_s)[kMT][kNT][4], float (&acc_o)[kMT][kOutNT][4]) {
+    float correction[kMT][2];
+    step_scores(acc_s, correction);
+    rescale(acc_o, correction);
+  }
+
+  // step() in two halves, for a kernel whose O += P V of the previous tile is still in flight
+  // while this tile's scores are folded in: the maxima, sums and P now, O's rescale later.
+  template <int kNT>
+  __device__ __forceinline__ void step_scores(float (&acc_s)[kMT][kNT][4], float (&correction)[kMT][2]) {
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -40,15 +49,10 @@ struct OnlineSoftmax {
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
         const float max_scaled = tile_max == -INFINITY ? 0.f : tile_max * exp_scale;
-        const float correction =
+        correction[mt][half] =
             row_max[mt][half] == -INFINITY ? 0.f : fast_exp2(row_max[mt][half] * exp_scale - max_scaled);
         row_max[mt][half] = tile_max;
-        row_sum[mt][half] *= correction;
-#pragma unroll
-        for (int nt = 0; nt < kOutNT; ++nt) {
-          acc_o[mt][nt][2 * half] *= correction;
-          acc_o[mt][nt][2 * half + 1] *= correction;
-        }
+        row_sum[mt][half] *= correction[mt][half];
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -58,6 +62,19 @@ struct OnlineSoftmax {
             row_sum[mt][half] += prob;
           }
       }
+  }
+
+  template <int kOutNT>
+  __device__ __forceinline__ void rescale(float (&acc_o)[kMT][kOutNT][4], const float (&correction)[kMT][2]) const {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int nt = 0; nt < kOutNT; ++nt) {
+          acc_o[mt][nt][2 * half] *= correction[mt][half];
+          acc_o[mt][nt][2 * half + 1] *= correction[mt][half];
+        }
   }
 
   // O *= keep_scale / row_sum per row (O = 0 for a row that saw no key), and

@@ -36,7 +36,9 @@
 //   the registers only at the wgmma.wait_group that covers the op (until then the accumulators
 //   hold NaN, so reading them early poisons the output). A wgmma on accumulators of an op still in
 //   flight chains on that op's result, as the hardware orders them. Each thread must execute
-//   wgmma.fence before the first wgmma of a group.
+//   wgmma.fence before the first wgmma of each commit group: stricter than the ISA (which asks for
+//   it where other instructions touched the registers since, which the emulator cannot see), and
+//   what CUTLASS and FA3 do.
 //
 // setmaxnreg.{inc,dec}.sync.aligned.u32 N: per warpgroup, 24 <= N <= 256, N % 8 == 0; an increase
 //   waits until the warpgroups' registers fit the SM's 64K (a warpgroup that never decreases leaves
