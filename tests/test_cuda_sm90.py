@@ -142,3 +142,15 @@ def test_other_schedules(schedule, at_issue):
             check(q, k, v, f"{schedule} at_issue={at_issue}", causal=True)
     finally:
         ct.DEV, ct.EMULATED = "cuda", False
+
+
+@pytest.mark.parametrize("ctas", [1, 5])
+def test_persistent_ctas_loop_over_work_tiles(hopper, ctas, monkeypatch):
+    """Fewer CTAs than work tiles (18 here): each CTA runs several, carrying its mbarrier phases,
+    the Q buffer hand-over and the ping-pong turns from one tile to the next; causal tiles of
+    different weights, GQA and a partial last query block among them."""
+    monkeypatch.setenv("FLASHATTN_CUDA_SM90_GRID", str(ctas))
+    q, k, v = rand(2, 300, 3, 64), rand(2, 330, 1, 64), rand(2, 330, 1, 64)
+    check(q, k, v, f"{ctas} CTAs", causal=True)
+    q, k, v = rand(1, 260, 2, 128), rand(1, 100, 2, 128), rand(1, 100, 2, 128)
+    check(q, k, v, f"{ctas} CTAs, tiles without keys", causal=True)  # bottom-right: early rows see none

@@ -1,8 +1,9 @@
 // FlashAttention forward for Hopper (sm_90a): TMA loads tracked by mbarriers, wgmma for both
-// products, warp specialization. One CTA per (query block of 128 rows, head, batch), three
-// warpgroups:
+// products, warp specialization, persistent CTAs (one per SM, each looping over work tiles of 128
+// query rows x (batch, head), heavy causal tiles first). Three warpgroups:
 //   warpgroup 0, the producer: gives its registers back (setmaxnreg.dec) and one thread issues
-//     every TMA load: Q once, then K_j and V_j into a ring of kStages stages, each stage with a
+//     every TMA load: per work tile Q (once the consumers released the last one: "Q empty"), then
+//     K_j and V_j into a ring of kStages stages (continuing across work tiles), each stage with a
 //     "full" barrier per operand (transaction bytes) and an "empty" barrier the consumers arrive
 //     on when they are done with it;
 //   warpgroups 1 and 2, the consumers: 64 query rows each (one m64 wgmma row block), registers
@@ -15,11 +16,11 @@
 // Q, K and V are read through rank-4 tensor maps (head dim, sequence, head, batch) whose boxes are
 // 64 columns (128 bytes) wide; a head dim of 128 or 256 is 2 or 4 such column panels. The maps
 // zero-fill past the sequence ends and the head dim, so tile edges need no code. Key blocks run
-// from last to first as in the FA2 kernel; heavy (late, causal) query blocks start first.
+// from last to first as in the FA2 kernel.
 // FA3's two schedules are here: the consumers ping-pong their GEMMs (named barriers), and within a
 // consumer the next tile's Q K^T overlaps the softmax while P V runs. Not yet here (see
-// csrc/cuda/README.md): a persistent tile scheduler, the extras (masks, dropout, ALiBi, softcap,
-// block-sparse: those run on the FA2 kernel), the backward.
+// csrc/cuda/README.md): the extras (masks, dropout, ALiBi, softcap, block-sparse: those run on the
+// FA2 kernel), varlen, the backward.
 #pragma once
 
 #include <cmath>
@@ -48,7 +49,7 @@ struct Sm90FwdTraits {
   static constexpr int kPanelQ = kBlockM * 128, kPanelKV = kBlockN * 128;  // bytes
   static constexpr int kQBytes = kPanels * kPanelQ, kKVBytes = kPanels * kPanelKV;
   static constexpr int kOffK = kQBytes, kOffV = kOffK + kStages * kKVBytes, kOffBars = kOffV + kStages * kKVBytes;
-  static constexpr int kBars = 1 + 3 * kStages;      // Q, then full K, full V, empty per stage
+  static constexpr int kBars = 2 + 3 * kStages;      // Q; full K, full V, empty per stage; Q empty
   // + 1024: the buffers are aligned to the 128-byte swizzle's 1024-byte pattern at run time.
   static constexpr int kSmemBytes = kOffBars + 8 * kBars + 1024;
   // Registers per thread after setmaxnreg: 128 * (24 + 2 * 240) = 64512 <= 65536.
@@ -78,18 +79,31 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   uint64_t* full_v = bars + 1 + kStages;
   uint64_t* empty = bars + 1 + 2 * kStages;
 
-  const int64_t bh = blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z;
-  if (bh >= p.batch * p.num_heads) return;
-  const int64_t b = bh / p.num_heads, h = bh % p.num_heads;
-  const int64_t h_k = h / (p.num_heads / p.num_heads_k);
-  const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
-  const int64_t m_last = (p.seqlen_q - m0 < kBlockM ? p.seqlen_q : m0 + kBlockM) - 1;
-  const int64_t key_begin = band_key_begin(p, m0), key_end = band_key_end(p, m_last);
-  const int64_t n_block_min = key_begin / kBlockN;
-  const int64_t n_block_max = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : n_block_min;
+  // Persistent: CTA c takes work tiles c, c + gridDim.x, ... of m_blocks x (batch x heads), query
+  // block m_blocks - 1 - t / (batch x heads) for tile t, so under a causal band the heavy (late)
+  // blocks go first and the light ones fill in behind them (longest-processing-time order).
+  const int64_t bhs = p.batch * p.num_heads;
+  const int64_t total = (p.seqlen_q + kBlockM - 1) / kBlockM * bhs;
+  struct Work {
+    int64_t b, h, h_k, bh, m0, m_last, n_min, n_max;
+  };
+  auto work_at = [&](int64_t t) {
+    Work w;
+    w.bh = t % bhs;
+    w.b = w.bh / p.num_heads, w.h = w.bh % p.num_heads;
+    w.h_k = w.h / (p.num_heads / p.num_heads_k);
+    w.m0 = ((p.seqlen_q + kBlockM - 1) / kBlockM - 1 - t / bhs) * kBlockM;
+    w.m_last = (p.seqlen_q - w.m0 < kBlockM ? p.seqlen_q : w.m0 + kBlockM) - 1;
+    const int64_t key_begin = band_key_begin(p, w.m0), key_end = band_key_end(p, w.m_last);
+    w.n_min = key_begin / kBlockN;
+    w.n_max = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : w.n_min;
+    return w;
+  };
 
+  uint64_t* q_empty = bars + 1 + 3 * kStages;
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
+    mbar_init(q_empty, 4 * Traits::kConsumers);  // every consumer warp is done reading Q
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full_k[s], 1);
       mbar_init(&full_v[s], 1);
@@ -104,24 +118,28 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // ---- producer ----
     setmaxnreg_dec<Traits::kProducerRegs>();
     if (threadIdx.x == 0) {
-      mbar_arrive_expect_tx(bar_q, Traits::kQBytes);
-      for (int pn = 0; pn < kPanels; ++pn)
-        tma_load_4d(sQ + pn * Traits::kPanelQ, &tm_q, bar_q, 64 * pn, static_cast<int>(m0), static_cast<int>(h),
-                    static_cast<int>(b));
-      int i = 0;
-      for (int64_t n_block = n_block_max - 1; n_block >= n_block_min; --n_block, ++i) {
-        const int s = i % kStages;
-        const uint32_t phase = (i / kStages) & 1;
-        mbar_wait(&empty[s], phase ^ 1);  // the first pass through the ring finds every stage free
-        const int n0 = static_cast<int>(n_block * kBlockN);
-        mbar_arrive_expect_tx(&full_k[s], Traits::kKVBytes);
+      int ring = 0, iter = 0;  // K/V tiles and work tiles so far: the stages' and Q's phases
+      for (int64_t t = blockIdx.x; t < total; t += gridDim.x, ++iter) {
+        const Work w = work_at(t);
+        mbar_wait(q_empty, (iter & 1) ^ 1);  // the first work tile finds Q free
+        mbar_arrive_expect_tx(bar_q, Traits::kQBytes);
         for (int pn = 0; pn < kPanels; ++pn)
-          tma_load_4d(sK + s * Traits::kKVBytes + pn * Traits::kPanelKV, &tm_k, &full_k[s], 64 * pn, n0,
-                      static_cast<int>(h_k), static_cast<int>(b));
-        mbar_arrive_expect_tx(&full_v[s], Traits::kKVBytes);
-        for (int pn = 0; pn < kPanels; ++pn)
-          tma_load_4d(sV + s * Traits::kKVBytes + pn * Traits::kPanelKV, &tm_v, &full_v[s], 64 * pn, n0,
-                      static_cast<int>(h_k), static_cast<int>(b));
+          tma_load_4d(sQ + pn * Traits::kPanelQ, &tm_q, bar_q, 64 * pn, static_cast<int>(w.m0), static_cast<int>(w.h),
+                      static_cast<int>(w.b));
+        for (int64_t n_block = w.n_max - 1; n_block >= w.n_min; --n_block, ++ring) {
+          const int s = ring % kStages;
+          const uint32_t phase = (ring / kStages) & 1;
+          mbar_wait(&empty[s], phase ^ 1);  // the first pass through the ring finds every stage free
+          const int n0 = static_cast<int>(n_block * kBlockN);
+          mbar_arrive_expect_tx(&full_k[s], Traits::kKVBytes);
+          for (int pn = 0; pn < kPanels; ++pn)
+            tma_load_4d(sK + s * Traits::kKVBytes + pn * Traits::kPanelKV, &tm_k, &full_k[s], 64 * pn, n0,
+                        static_cast<int>(w.h_k), static_cast<int>(w.b));
+          mbar_arrive_expect_tx(&full_v[s], Traits::kKVBytes);
+          for (int pn = 0; pn < kPanels; ++pn)
+            tma_load_4d(sV + s * Traits::kKVBytes + pn * Traits::kPanelKV, &tm_v, &full_v[s], 64 * pn, n0,
+                        static_cast<int>(w.h_k), static_cast<int>(w.b));
+        }
       }
     }
     return;
@@ -134,20 +152,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const AccCoord acc;
   const uint32_t q_addr = smem_u32(sQ) + consumer * 64 * 128;
   const uint32_t k_addr = smem_u32(sK), v_addr = smem_u32(sV);
-
-  float acc_o[1][kHeadDim / 8][4];
-  zero(acc_o);
-  OnlineSoftmax<1> softmax(static_cast<float>(p.softmax_scale) * kLog2e);
-  mbar_wait(bar_q, 0);
+  const bool lane0 = threadIdx.x % 32 == 0;
 
   // Ping-pong (FA3): the two consumers take turns issuing their GEMMs, so one's softmax runs while
   // the other's products occupy the tensor cores. Named barrier 1 + c is consumer c's turn: it
-  // syncs on it (its 128 threads) and the other consumer arrives on it (128 more) when it has
-  // issued. Consumer 0 goes first.
+  // syncs on it (its 128 threads) and the other consumer arrives on it (128 more) once it has
+  // issued. Consumer 1 hands consumer 0 the first turn; consumer 0 takes one turn more at the end
+  // (consumer 1's last hand-over), so every barrier ends complete.
   constexpr int kTurnThreads = 256;
   auto my_turn = [&] { named_barrier_sync(1 + consumer, kTurnThreads); };
   auto your_turn = [&] { named_barrier_arrive(1 + (1 - consumer), kTurnThreads); };
 
+  float acc_o[1][kHeadDim / 8][4];
   // S = Q K^T of the tile in `stage`: K-major operands, 16 head-dim columns per wgmma (32 bytes
   // into a panel row), committed as one group.
   auto issue_qk = [&](float (&acc_s)[1][kBlockN / 8][4], int stage) {
@@ -179,101 +195,116 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) fence_operand(acc_o[0][nt][e]);
   };
-  // The band and the sequence ends, only where the tile needs them; then the softmax step
-  // (maxima, sums, P; O's rescale is returned in `correction`) and P as A fragments.
-  auto scores_to_probs = [&](float (&acc_s)[1][kBlockN / 8][4], int64_t n_block, float (&correction)[1][2],
-                             uint32_t (&p_frag)[1][kBlockN / 16][4]) {
+
+  if (consumer == 1) your_turn();
+  int ring = 0, iter = 0;
+  for (int64_t t = blockIdx.x; t < total; t += gridDim.x, ++iter) {
+    const Work w = work_at(t);
+    zero(acc_o);
+    OnlineSoftmax<1> softmax(static_cast<float>(p.softmax_scale) * kLog2e);
+    // The band and the sequence ends, only where the tile needs them; then the softmax step
+    // (maxima, sums, P; O's rescale is returned in `correction`) and P as A fragments.
+    auto scores_to_probs = [&](float (&acc_s)[1][kBlockN / 8][4], int64_t n_block, float (&correction)[1][2],
+                               uint32_t (&p_frag)[1][kBlockN / 16][4]) {
 #pragma unroll
-    for (int nt = 0; nt < kBlockN / 8; ++nt)
+      for (int nt = 0; nt < kBlockN / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) fence_operand(acc_s[0][nt][e]);
-    const int64_t n0 = n_block * kBlockN;
-    if (!(n0 + kBlockN <= p.seqlen_k && band_key_begin(p, m_last) <= n0 && band_key_end(p, m0) >= n0 + kBlockN)) {
+        for (int e = 0; e < 4; ++e) fence_operand(acc_s[0][nt][e]);
+      const int64_t n0 = n_block * kBlockN;
+      if (!(n0 + kBlockN <= p.seqlen_k && band_key_begin(p, w.m_last) <= n0 && band_key_end(p, w.m0) >= n0 + kBlockN)) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const KeyInterval keys = band_interval<kBlockN>(p, m0 + row0 + acc.g + 8 * half, n0);
+        for (int half = 0; half < 2; ++half) {
+          const KeyInterval keys = band_interval<kBlockN>(p, w.m0 + row0 + acc.g + 8 * half, n0);
 #pragma unroll
-        for (int nt = 0; nt < kBlockN / 8; ++nt)
+          for (int nt = 0; nt < kBlockN / 8; ++nt)
 #pragma unroll
-          for (int e = 2 * half; e < 2 * half + 2; ++e) {
-            const int col = acc.col(0, nt, e);
-            if (col < keys.lo || col >= keys.hi) acc_s[0][nt][e] = -INFINITY;
-          }
+            for (int e = 2 * half; e < 2 * half + 2; ++e) {
+              const int col = acc.col(0, nt, e);
+              if (col < keys.lo || col >= keys.hi) acc_s[0][nt][e] = -INFINITY;
+            }
+        }
+      }
+      softmax.step_scores(acc_s, correction);
+      acc_to_a_fragments<Element>(p_frag, acc_s);
+    };
+
+    // FA3's intra-warpgroup overlap: the next key tile's Q K^T is issued together with this
+    // one's P V, and its softmax runs while P V is in flight; O is rescaled once P V has landed.
+    // Key tile j of this work tile (from the last) is ring entry ring + j.
+    const int n_tiles = static_cast<int>(w.n_max - w.n_min);
+    auto stage_of = [&](int j) { return (ring + j) % kStages; };
+    auto phase_of = [&](int j) { return static_cast<uint32_t>(((ring + j) / kStages) & 1); };
+    mbar_wait(bar_q, iter & 1);
+    if (n_tiles == 0) {
+      if (lane0) mbar_arrive(q_empty);
+    } else {
+      uint32_t p_frag[1][kBlockN / 16][4];
+      {
+        float acc_s[1][kBlockN / 8][4], correction[1][2];
+        mbar_wait(&full_k[stage_of(0)], phase_of(0));
+        my_turn();
+        issue_qk(acc_s, stage_of(0));
+        your_turn();
+        wgmma_wait<0>();
+        if (n_tiles == 1 && lane0) mbar_arrive(q_empty);  // this warp's last read of Q is done
+        scores_to_probs(acc_s, w.n_max - 1, correction, p_frag);  // O = 0: no rescale
+      }
+      for (int j = 1; j < n_tiles; ++j) {
+        const int s = stage_of(j), prev = stage_of(j - 1);
+        float acc_s[1][kBlockN / 8][4];
+        mbar_wait(&full_k[s], phase_of(j));
+        mbar_wait(&full_v[prev], phase_of(j - 1));
+        my_turn();
+        fence_o();
+        issue_qk(acc_s, s);
+        issue_pv(p_frag, prev);
+        your_turn();
+        wgmma_wait<1>();  // S_j landed; P_{j-1} V_{j-1} may still run
+        if (j == n_tiles - 1 && lane0) mbar_arrive(q_empty);
+        float correction[1][2];
+        uint32_t next_p[1][kBlockN / 16][4];
+        scores_to_probs(acc_s, w.n_max - 1 - j, correction, next_p);
+        wgmma_wait<0>();
+        fence_o();
+        softmax.rescale(acc_o, correction);
+        if (lane0) mbar_arrive(&empty[prev]);  // this warp is done with stage prev
+#pragma unroll
+        for (int ks = 0; ks < kBlockN / 16; ++ks)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) p_frag[0][ks][r] = next_p[0][ks][r];
+      }
+      // The last key tile's P V.
+      const int last = stage_of(n_tiles - 1);
+      mbar_wait(&full_v[last], phase_of(n_tiles - 1));
+      fence_o();
+      issue_pv(p_frag, last);
+      wgmma_wait<0>();
+      fence_o();
+      if (lane0) mbar_arrive(&empty[last]);
+      ring += n_tiles;
+    }
+
+    // Epilogue: O /= row_sum, lse; rows that saw no key: O = 0, lse = -inf. Straight from registers.
+    float* lse = p.lse + w.bh * p.seqlen_q;
+    softmax.finalize(acc_o, 1.f, [&](int, int half, auto&& row_lse) {
+      const int64_t row = w.m0 + row0 + acc.g + 8 * half;
+      if (acc.t == 0 && row < p.seqlen_q) lse[row] = row_lse();
+    });
+    Element* out = static_cast<Element*>(p.out) + w.b * p.o_batch_stride + w.h * p.o_head_stride;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = w.m0 + row0 + acc.g + 8 * half;
+      if (row >= p.seqlen_q) continue;
+#pragma unroll
+      for (int nt = 0; nt < kHeadDim / 8; ++nt) {
+        const int col = acc.col(0, nt, 0);
+        if (col < p.headdim_v)
+          *reinterpret_cast<uint32_t*>(out + row * p.o_row_stride + col) =
+              pack2<Element>(acc_o[0][nt][2 * half], acc_o[0][nt][2 * half + 1]);
       }
     }
-    softmax.step_scores(acc_s, correction);
-    acc_to_a_fragments<Element>(p_frag, acc_s);
-  };
-
-  // FA3's intra-warpgroup overlap: the next tile's Q K^T is issued together with this tile's
-  // P V, and its softmax runs while P V is in flight; O is rescaled once P V has landed.
-  // Iteration j (0-based, over key blocks from the last) uses stage j % kStages.
-  const int n_tiles = static_cast<int>(n_block_max - n_block_min);
-  if (consumer == 1 && n_tiles > 0) your_turn();
-  if (n_tiles > 0) {
-    uint32_t p_frag[1][kBlockN / 16][4];
-    float correction[1][2];
-    {
-      float acc_s[1][kBlockN / 8][4];
-      mbar_wait(&full_k[0], 0);
-      my_turn();
-      issue_qk(acc_s, 0);
-      if (!(consumer == 1 && n_tiles == 1)) your_turn();
-      wgmma_wait<0>();
-      scores_to_probs(acc_s, n_block_max - 1, correction, p_frag);
-    }
-    for (int j = 1; j < n_tiles; ++j) {
-      const int s = j % kStages, prev = (j - 1) % kStages;
-      float acc_s[1][kBlockN / 8][4];
-      mbar_wait(&full_k[s], (j / kStages) & 1);
-      mbar_wait(&full_v[prev], ((j - 1) / kStages) & 1);
-      my_turn();
-      fence_o();
-      issue_qk(acc_s, s);
-      issue_pv(p_frag, prev);
-      if (!(consumer == 1 && j == n_tiles - 1)) your_turn();
-      wgmma_wait<1>();  // S_j landed; P_{j-1} V_{j-1} may still run
-      float next_correction[1][2];
-      uint32_t next_p[1][kBlockN / 16][4];
-      scores_to_probs(acc_s, n_block_max - 1 - j, next_correction, next_p);
-      wgmma_wait<0>();
-      fence_o();
-      softmax.rescale(acc_o, next_correction);
-      if (threadIdx.x % 32 == 0) mbar_arrive(&empty[prev]);  // this warp is done with stage prev
-#pragma unroll
-      for (int ks = 0; ks < kBlockN / 16; ++ks)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) p_frag[0][ks][r] = next_p[0][ks][r];
-    }
-    // The last tile's P V.
-    const int last = (n_tiles - 1) % kStages;
-    mbar_wait(&full_v[last], ((n_tiles - 1) / kStages) & 1);
-    fence_o();
-    issue_pv(p_frag, last);
-    wgmma_wait<0>();
-    fence_o();
-    if (threadIdx.x % 32 == 0) mbar_arrive(&empty[last]);
   }
-
-  // Epilogue: O /= row_sum, lse; rows that saw no key: O = 0, lse = -inf. Straight from registers.
-  float* lse = p.lse + bh * p.seqlen_q;
-  softmax.finalize(acc_o, 1.f, [&](int, int half, auto&& row_lse) {
-    const int64_t row = m0 + row0 + acc.g + 8 * half;
-    if (acc.t == 0 && row < p.seqlen_q) lse[row] = row_lse();
-  });
-  Element* out = static_cast<Element*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t row = m0 + row0 + acc.g + 8 * half;
-    if (row >= p.seqlen_q) continue;
-#pragma unroll
-    for (int nt = 0; nt < kHeadDim / 8; ++nt) {
-      const int col = acc.col(0, nt, 0);
-      if (col < p.headdim_v)
-        *reinterpret_cast<uint32_t*>(out + row * p.o_row_stride + col) =
-            pack2<Element>(acc_o[0][nt][2 * half], acc_o[0][nt][2 * half + 1]);
-    }
-  }
+  if (consumer == 0) my_turn();  // consumer 1's last hand-over
 #endif
 }
 
