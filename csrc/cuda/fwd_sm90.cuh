@@ -42,8 +42,10 @@ struct Sm90FwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kConsumers = 2;               // consumer warpgroups, 64 query rows each
   static constexpr int kBlockM = 64 * kConsumers;
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
-  static constexpr int kStages = 2;
+  // d = 256: O alone is 128 registers per thread; with 64- or 48-key tiles ptxas spilled (124 and
+  // 68 bytes) at 240 registers, with 32 it does not. Four stages of those keep the loads ahead.
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 32;
+  static constexpr int kStages = kHeadDim <= 128 ? 2 : 4;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kPanels = kHeadDim / 64;      // 64-column (128-byte) panels of a tile
   static constexpr int kPanelQ = kBlockM * 128, kPanelKV = kBlockN * 128;  // bytes
@@ -142,10 +144,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         }
       }
     }
-    return;
-  }
-
-  // ---- consumers ----
+  } else {
+  // ---- consumers ---- (the two roles are the two branches of one if / else: ptxas applies
+  // setmaxnreg's budgets per branch only then)
   setmaxnreg_inc<Traits::kConsumerRegs>();
   const int consumer = warpgroup - 1;
   const int row0 = 64 * consumer + 16 * ((threadIdx.x / 32) % 4);  // this warp's first row in the block
@@ -305,6 +306,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
   }
   if (consumer == 0) my_turn();  // consumer 1's last hand-over
+  }
 #endif
 }
 
