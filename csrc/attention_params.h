@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace flashattn {
 
@@ -107,6 +108,17 @@ struct AttentionParams {
   // is independent of the block mask and applies everywhere.)
   const uint8_t* block_elem_masks = nullptr;
   const int32_t* block_elem_index = nullptr;
+
+  // Varlen (sequences packed without padding; CUDA kernels): with cu_seqlens_q set, batch counts
+  // the sequences; sequence b owns rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and out (dout,
+  // dq) and rows [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v (dk, dv); the batch strides are
+  // 0 and seqlen_q / seqlen_k are the longest lengths (they size the grids). The per-row arrays
+  // (lse, delta, the dQ accumulator) are (heads, total_q). Kernels see one sequence at a time
+  // through select_sequence. No attn_mask or block mask.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0;
+  int64_t seq_row0 = 0;  // set by select_sequence: the sequence's first packed query row
 };
 
 struct AttentionGradParams : AttentionParams {
@@ -134,6 +146,54 @@ struct AttentionGradParams : AttentionParams {
   BroadcastView dmask_view;
 };
 
+
+// Rows of the per-row arrays (lse, delta, the CUDA dQ accumulator): (batch, heads, seqlen_q), or
+// (heads, total_q) for varlen; and the index of row 0 of (b, h) in them.
+FLASHATTN_HOST_DEVICE int64_t row_array_rows(const AttentionParams& p) {
+  return p.cu_seqlens_q != nullptr ? p.num_heads * p.total_q : p.batch * p.num_heads * p.seqlen_q;
+}
+FLASHATTN_HOST_DEVICE int64_t row_array_offset(const AttentionParams& p, int64_t b, int64_t h) {
+  return p.cu_seqlens_q != nullptr ? h * p.total_q + p.seq_row0 : (b * p.num_heads + h) * p.seqlen_q;
+}
+
+FLASHATTN_HOST_DEVICE int64_t dtype_bytes(DType t) {
+  return t == DType::kFloat64 ? 8 : (t == DType::kFloat32 ? 4 : 2);
+}
+template <typename Ptr>
+FLASHATTN_HOST_DEVICE Ptr advance_rows(Ptr ptr, int64_t rows, int64_t row_stride, DType t) {
+  using Byte = typename std::conditional<std::is_const<typename std::remove_pointer<Ptr>::type>::value, const char,
+                                         char>::type;
+  return static_cast<Ptr>(static_cast<Byte*>(ptr) + rows * row_stride * dtype_bytes(t));
+}
+
+// Varlen: turns sequence b of p into a batch of one, as the CPU path runs it: its lengths, its
+// rows of q/k/v/out, its ALiBi slopes, its dropout stream (seed, offset + b); b becomes 0 and the
+// per-row arrays are addressed through seq_row0. Dense params are left as they are.
+FLASHATTN_HOST_DEVICE void select_sequence(AttentionParams& p, int64_t& b) {
+  if (p.cu_seqlens_q == nullptr) return;
+  const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+  p.seqlen_q = p.cu_seqlens_q[b + 1] - q0;
+  p.seqlen_k = p.cu_seqlens_k[b + 1] - k0;
+  p.seq_row0 = q0;
+  p.q = advance_rows(p.q, q0, p.q_row_stride, p.dtype);
+  p.out = advance_rows(p.out, q0, p.o_row_stride, p.dtype);
+  p.k = advance_rows(p.k, k0, p.k_row_stride, p.dtype);
+  p.v = advance_rows(p.v, k0, p.v_row_stride, p.dtype);
+  if (p.alibi_slopes != nullptr) p.alibi_slopes += b * p.alibi_batch_stride;
+  p.philox_offset += static_cast<uint64_t>(b);
+  p.philox_offset_intragraph += static_cast<uint64_t>(b);
+  p.batch = 1;
+  b = 0;
+}
+FLASHATTN_HOST_DEVICE void select_sequence(AttentionGradParams& p, int64_t& b) {
+  if (p.cu_seqlens_q == nullptr) return;
+  const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+  p.dout = advance_rows(p.dout, q0, p.do_row_stride, p.dtype);
+  p.dq = advance_rows(p.dq, q0, p.dq_row_stride, p.dtype);
+  p.dk = advance_rows(p.dk, k0, p.dk_row_stride, p.dtype);
+  p.dv = advance_rows(p.dv, k0, p.dv_row_stride, p.dtype);
+  select_sequence(static_cast<AttentionParams&>(p), b);
+}
 
 // First and one-past-last visible key of query row i under the band (ignoring masks).
 FLASHATTN_HOST_DEVICE int64_t band_diag(const AttentionParams& p) {

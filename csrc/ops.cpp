@@ -21,13 +21,12 @@
 #include "cpu/kernels.h"
 
 namespace flashattn {
+
+bool runs_cuda_kernels(const at::Tensor& q) { return q.is_cuda() || emulating_cuda(); }
+
 namespace {
 
 std::atomic<bool> g_poison{false};
-
-// CUDA tensors, and CPU tensors while the host emulator is on (tests), take the CUDA kernels'
-// launch path (csrc/cuda/launch.h); other CPU tensors the CPU kernels.
-bool runs_cuda_kernels(const at::Tensor& q) { return q.is_cuda() || emulating_cuda(); }
 
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream os;

@@ -39,6 +39,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bwd_op(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng_state, const AttentionOptions& options, bool mask_grad);
 
+// CUDA tensors, and CPU tensors while the host emulator is on (tests), take the CUDA kernels'
+// launch path (csrc/cuda/launch.h); other CPU tensors the CPU kernels.
+bool runs_cuda_kernels(const at::Tensor& q);
+
 // The op layer's checks of (..., heads, seq, dim) query/key/value and the options, and the kernels'
 // dtype tag: for other ops' layers (ops_varlen.cpp, ops_kvcache.cpp).
 void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& o);

@@ -59,7 +59,10 @@ void cuda_draw_philox(AttentionParams& p, const at::Tensor& rng_state) {
   at::PhiloxCudaState state;
   {
     std::lock_guard<std::mutex> lock(gen->mutex_);
-    state = gen->philox_cuda_state(4);  // one Philox counter value per call (see philox.h)
+    // A call uses the Philox counter offsets [offset, offset + n) (philox.h): n = 1, or one per
+    // sequence for varlen (select_sequence); the generator advances in multiples of 4.
+    const uint64_t used = p.cu_seqlens_q != nullptr ? static_cast<uint64_t>(p.batch) : 1;
+    state = gen->philox_cuda_state(4 * ((used + 3) / 4));
   }
   if (state.captured_) {
     p.philox_seed_ptr = state.seed_.ptr;

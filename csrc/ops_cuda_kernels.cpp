@@ -40,7 +40,7 @@ void cuda_kernels_forward(AttentionParams& p, const at::Tensor& q, const at::Ten
 
 void cuda_kernels_backward(AttentionGradParams& p, const at::Tensor& q, const at::Tensor& lse,
                            const at::Tensor& rng_state) {
-  at::Tensor delta = at::empty({p.batch * p.num_heads * p.seqlen_q}, q.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty({row_array_rows(p)}, q.options().dtype(at::kFloat));
   p.delta = delta.data_ptr<float>();
   at::Tensor lse32;
   if (p.lse64 != nullptr) {  // the kernels read a float lse

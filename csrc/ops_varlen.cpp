@@ -3,8 +3,9 @@
 //
 // Sequence b owns rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and out and rows
 // [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v. The dense kernels run on each sequence's rows
-// in place: a (1, heads, len, dim) strided view of the packed tensor, so nothing is padded or
-// copied; the band (causal / window) and ALiBi are aligned per sequence with its own lengths.
+// in place, so nothing is padded or copied: on CPU on a (1, heads, len, dim) strided view of the
+// packed tensor per sequence; on CUDA in one launch whose CTAs each find their sequence through
+// cu_seqlens. The band (causal / window) and ALiBi are aligned per sequence with its own lengths.
 // lse is (heads, total_q) as flash-attn's; dropout uses the forward's (seed, offset + b) for
 // sequence b (see varlen_sequence_rng).
 //
@@ -61,8 +62,6 @@ void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK_VALUE(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
                     "flashattn_ext: varlen q, k and v must be (total_tokens, heads, headdim), got q ", q.sizes(),
                     ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK_NOT_IMPLEMENTED(!q.is_cuda() && !emulating_cuda(),
-                              "flashattn_ext: the CUDA varlen kernels are not yet built (varlen runs on CPU)");
   TORCH_CHECK_VALUE(!(o.attn_mask && o.attn_mask->defined()), "flashattn_ext: varlen takes no attn_mask");
   TORCH_CHECK_VALUE(!(o.block_mask && o.block_mask->defined()) && !(o.block_elem_masks && o.block_elem_masks->defined()),
                     "flashattn_ext: varlen takes no block_mask");
@@ -149,6 +148,85 @@ at::Tensor alibi_of(const AttentionOptions& o) {
   return o.alibi_slopes && o.alibi_slopes->defined() ? o.alibi_slopes->contiguous() : at::Tensor();
 }
 
+// ---- The CUDA kernels (a GPU, or the host emulator): one launch over every sequence; each CTA
+// reads its sequence's rows from cu_seqlens (select_sequence in attention_params.h).
+
+at::Tensor last_dim_contiguous(const at::Tensor& x) { return x.size(-1) > 1 && x.stride(-1) != 1 ? x.contiguous() : x; }
+
+// Packed (total, heads, dim) strides: no batch stride (sequences are rows).
+void set_packed_strides(const at::Tensor& x, int64_t& batch_stride, int64_t& head_stride, int64_t& row_stride) {
+  batch_stride = 0, head_stride = x.stride(1), row_stride = x.stride(0);
+}
+
+// What both directions share: lengths, cu_seqlens, q/k/v, ALiBi; `keep` holds what the pointers point into.
+void set_cuda_varlen(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& cu_q, const at::Tensor& cu_k, const SeqOffsets& seqs, const at::Tensor& alibi,
+                     std::vector<at::Tensor>& keep) {
+  int64_t longest_q = 0, longest_k = 0;
+  for (int64_t b = 0; b < seqs.batch(); ++b)
+    longest_q = std::max(longest_q, seqs.q[b + 1] - seqs.q[b]), longest_k = std::max(longest_k, seqs.k[b + 1] - seqs.k[b]);
+  p.batch = seqs.batch(), p.seqlen_q = longest_q, p.seqlen_k = longest_k, p.total_q = q.size(0);
+  keep.push_back(cu_q.contiguous());
+  keep.push_back(cu_k.contiguous());
+  p.cu_seqlens_q = keep[keep.size() - 2].data_ptr<int32_t>();
+  p.cu_seqlens_k = keep.back().data_ptr<int32_t>();
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
+  set_packed_strides(q, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  set_packed_strides(k, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+  set_packed_strides(v, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+  if (alibi.defined()) {
+    p.alibi_slopes = alibi.data_ptr<float>();
+    p.alibi_batch_stride = alibi.dim() == 2 ? alibi.stride(0) : 0;
+  }
+}
+
+void set_lse_pointer(AttentionParams& p, const at::Tensor& lse) {
+  if (lse.scalar_type() == at::kDouble)
+    p.lse64 = lse.data_ptr<double>();
+  else
+    p.lse = lse.data_ptr<float>();
+}
+
+void cuda_varlen_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_q,
+                     const at::Tensor& cu_k, const SeqOffsets& seqs, const AttentionOptions& o, at::Tensor& out,
+                     at::Tensor& lse, at::Tensor& rng_state) {
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  std::vector<at::Tensor> keep;
+  AttentionParams p = base_params(q, k, v, o);
+  set_cuda_varlen(p, q, k, v, cu_q, cu_k, seqs, alibi_of(o), keep);
+  p.out = out.data_ptr();
+  set_packed_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
+  set_lse_pointer(p, lse);
+  if (p.total_q == 0 || p.num_heads == 0) return;
+  cuda_kernels_forward(p, q, lse, rng_state);
+}
+
+void cuda_varlen_bwd(const at::Tensor& go, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state, const at::Tensor& cu_q,
+                     const at::Tensor& cu_k, const SeqOffsets& seqs, const AttentionOptions& o, at::Tensor& dq,
+                     at::Tensor& dk, at::Tensor& dv) {
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  std::vector<at::Tensor> keep;
+  AttentionGradParams p;
+  static_cast<AttentionParams&>(p) = base_params(q, k, v, o);
+  set_cuda_varlen(p, q, k, v, cu_q, cu_k, seqs, alibi_of(o), keep);
+  p.deterministic = o.deterministic;
+  p.out = out.data_ptr(), p.dout = go.data_ptr();
+  set_packed_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
+  set_packed_strides(go, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  set_packed_strides(dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
+  set_packed_strides(dk, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
+  set_packed_strides(dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+  const at::Tensor lse_c = lse.contiguous();
+  set_lse_pointer(p, lse_c);
+  if (p.total_q == 0 || p.num_heads == 0 || k.size(0) == 0) {  // nothing attends: the gradients are 0
+    dq.zero_(), dk.zero_(), dv.zero_();
+    return;
+  }
+  cuda_kernels_backward(p, q, lse_c, rng_state);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -161,6 +239,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, c
   at::Tensor lse = at::empty({heads, total_q}, q.options().dtype(lse_dtype(q)));
   at::Tensor rng_state = at::zeros({2}, q.options().dtype(at::kLong));
   poison({out, lse});
+  if (runs_cuda_kernels(q)) {
+    cuda_varlen_fwd(q, k, v, cu_q, cu_k, seqs, o, out, lse, rng_state);
+    return {out, lse, rng_state};
+  }
   if (o.dropout_p > 0) {
     auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(std::nullopt, at::detail::getDefaultCPUGenerator());
     std::lock_guard<std::mutex> lock(gen->mutex_);
@@ -221,11 +303,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(const at::Tensor& grad
                     "), got ", lse.scalar_type(), " ", lse.sizes());
   TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong,
                     "flashattn_ext: rng_state must be the int64 (seed, offset) pair the forward returned");
-  const auto last_contig = [](const at::Tensor& x) { return x.size(-1) > 1 && x.stride(-1) != 1 ? x.contiguous() : x; };
-  const at::Tensor go = last_contig(grad_out), oc = last_contig(out);
+  const at::Tensor go = last_dim_contiguous(grad_out), oc = last_dim_contiguous(out);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
   poison({dq, dk, dv});
+  if (runs_cuda_kernels(q)) {
+    cuda_varlen_bwd(go, q, k, v, oc, lse, rng_state, cu_q, cu_k, seqs, o, dq, dk, dv);
+    return {dq, dk, dv};
+  }
   const at::Tensor rng = rng_state.cpu();
   const uint64_t seed = static_cast<uint64_t>(rng[0].item<int64_t>()),
                  offset = static_cast<uint64_t>(rng[1].item<int64_t>());
@@ -382,7 +467,7 @@ TORCH_LIBRARY_IMPL(flashattn_ext, CPU, m) {
 }
 
 #ifdef FLASHATTN_WITH_CUDA
-TORCH_LIBRARY_IMPL(flashattn_ext, CUDA, m) {  // check_varlen raises NotImplementedError for CUDA tensors
+TORCH_LIBRARY_IMPL(flashattn_ext, CUDA, m) {
   m.impl("varlen_fwd", &flashattn::varlen_fwd_op);
   m.impl("varlen_bwd", &flashattn::varlen_bwd_op);
 }

@@ -72,3 +72,30 @@ def reference_attention(q, k, v, attn_mask=None, *, scale=None, causal=False, bo
         p = p * dropout_keep.to(acc) / (1.0 - dropout_p) if dropout_p < 1 else torch.zeros_like(p)
     out = p.to(dtype) @ v
     return out, (lse if dtype == torch.float64 else lse.float())
+
+
+def reference_varlen(q, k, v, lens_q, lens_k, keeps=None, dropout_p=0.0, alibi=None, dtype=torch.float64, **kw):
+    """Packed (total, H, D) q/k/v of sequences with lengths lens_q / lens_k -> (out (total_q, H, Dv),
+    lse (H, total_q)): reference_attention per sequence, bottom-right aligned. keeps[b]: sequence
+    b's dropout keep mask; alibi: (H,) or (batch, H) slopes. A sequence without keys: out 0, lse -inf."""
+    outs, lses = [], []
+    sq = sk = 0
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        qs, ks, vs = (x[s:s + n].transpose(0, 1) for x, s, n in ((q, sq, lq), (k, sk, lk), (v, sk, lk)))
+        slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi)
+        if lk == 0:
+            o = qs.new_zeros(qs.shape[0], lq, v.shape[-1]).to(dtype)
+            lse = torch.full((qs.shape[0], lq), float("-inf"), dtype=torch.float64 if dtype == torch.float64
+                             else torch.float32, device=q.device)
+        else:
+            o, lse = reference_attention(qs, ks, vs, bottom_right=True, alibi_slopes=slopes,
+                                         dropout_keep=None if keeps is None else keeps[b], dropout_p=dropout_p,
+                                         dtype=dtype, **kw)
+        outs.append(o.transpose(0, 1))
+        lses.append(lse)
+        sq, sk = sq + lq, sk + lk
+    if not outs:  # no sequences
+        lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return (q.new_zeros(0, q.shape[1], v.shape[-1]).to(dtype),
+                torch.zeros(q.shape[1], 0, dtype=lse_dtype, device=q.device))
+    return torch.cat(outs, 0), torch.cat(lses, 1)

@@ -7,30 +7,11 @@ import torch
 
 import flashattn_ext
 from conftest import TOL, assert_close, rand
-from reference import reference_attention
+from reference import reference_varlen
 
 
 def cu(lengths):
     return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
-
-
-def reference_varlen(q, k, v, lens_q, lens_k, keeps=None, dropout_p=0.0, alibi=None, **kw):
-    """Per-sequence float64 reference on packed (total, H, D) tensors -> (out (total, H, Dv), lse (H, total))."""
-    outs, lses = [], []
-    sq = sk = 0
-    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
-        qs, ks, vs = (x[s:s + n].transpose(0, 1) for x, s, n in ((q, sq, lq), (k, sk, lk), (v, sk, lk)))
-        slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi)
-        if lk == 0:
-            o = qs.new_zeros(qs.shape[0], lq, v.shape[-1]).double()
-            lse = torch.full((qs.shape[0], lq), float("-inf"), dtype=torch.float64)
-        else:
-            o, lse = reference_attention(qs, ks, vs, bottom_right=True, alibi_slopes=slopes,
-                                         dropout_keep=None if keeps is None else keeps[b], dropout_p=dropout_p, **kw)
-        outs.append(o.transpose(0, 1))
-        lses.append(lse)
-        sq, sk = sq + lq, sk + lk
-    return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
 CASES = [

@@ -15,6 +15,7 @@ import cuda_testing as ct
 import flashattn_ext
 from cuda_testing import assert_close, rand, reference
 from flashattn_ext.testing import emulator_stats, emulator_unavailable_reason, poison_outputs
+from reference import reference_varlen
 
 LOW = [torch.float16, torch.bfloat16]
 HOPPER_THREADS = 384
@@ -126,6 +127,18 @@ def test_calls_it_does_not_take_run_the_fa2_kernel(hopper):
     out = run(lambda: flashattn_ext.scaled_dot_product_attention(qs, k, v), expect_hopper=False)
     ref = reference(qs.double(), k.double(), v.double())[0]
     assert_close("misaligned", out, ref, reference(qs, k, v, dtype=q.dtype)[0])
+
+
+def test_varlen_runs_the_fa2_varlen_kernel(hopper):
+    """The Hopper forward is dense only: packed sequences take the FA2 varlen kernel, still exact."""
+    lens_q, lens_k = [5, 70, 0, 33], [9, 70, 4, 0]
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(x).cumsum(0).tolist(), dtype=torch.int32, device=ct.DEV)
+                  for x in (lens_q, lens_k))
+    q, k, v = rand(sum(lens_q), 2, 64), rand(sum(lens_k), 2, 64), rand(sum(lens_k), 2, 64)
+    out = run(lambda: flashattn_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 70, 70, causal=True),
+              expect_hopper=False)
+    ref = reference_varlen(q.double(), k.double(), v.double(), lens_q, lens_k, causal=True)[0]
+    assert_close("varlen", out, ref, reference_varlen(q, k, v, lens_q, lens_k, causal=True, dtype=q.dtype)[0])
 
 
 @pytest.mark.cuda_emulated

@@ -27,8 +27,9 @@
 
 namespace flashattn::cuda {
 
-template <class Traits>
-__global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const AttentionGradParams p, const bool vectorized) {
+// kVarlen as in fwd_kernel.
+template <class Traits, bool kVarlen = false>
+__global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const AttentionGradParams params, const bool vectorized) {
   using Element = typename Traits::Element;
   using TileK = typename Traits::TileK;
   using TileQ = typename Traits::TileQ;
@@ -48,11 +49,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
   float* s_lse_base = reinterpret_cast<float*>(sdO_base + kStages * TileQ::kElements);  // [kStages][kBlockM], log2 units
   float* s_delta_base = s_lse_base + kStages * kBlockM;                                 // [kStages][kBlockM]
 
+  // (For varlen, of sequence `seq`: a block past its last key has nothing to do.)
   const int64_t bh_k = blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z;
-  if (bh_k >= p.batch * p.num_heads_k) return;
-  const int64_t b = bh_k / p.num_heads_k, h_k = bh_k % p.num_heads_k;
+  if (bh_k >= params.batch * params.num_heads_k) return;
+  const int64_t seq = bh_k / params.num_heads_k, h_k = bh_k % params.num_heads_k;
+  int64_t b = seq;
+  AttentionGradParams p = params;
+  if constexpr (kVarlen) select_sequence(p, b);
   const int64_t group = p.num_heads / p.num_heads_k;
   const int64_t n_block = blockIdx.x, n0 = n_block * kBlockN, n_last = n0 + kBlockN - 1;
+  if (kVarlen && n0 >= p.seqlen_k) return;
   const int keys = static_cast<int>(p.seqlen_k - n0 < kBlockN ? p.seqlen_k - n0 : kBlockN);
 
   // Query blocks i whose rows meet keys [n0, n_last] under the band:
@@ -87,7 +93,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
                                              static_cast<int>(p.headdim), vectorized);
     load_tile_async<TileQ, Traits::kThreads>(sdO_base + stage * TileQ::kElements, dout, p.do_row_stride, rows,
                                              static_cast<int>(p.headdim_v), vectorized);
-    const int64_t row_base = (b * p.num_heads + h) * p.seqlen_q + m0;
+    const int64_t row_base = row_array_offset(p, b, h) + m0;
     for (int r = threadIdx.x; r < kBlockM; r += Traits::kThreads) {
       const float lse = r < rows ? p.lse[row_base + r] : -INFINITY;
       // An empty row (lse = -inf) must give P = 0: exp2(x - (+inf)) = 0.
@@ -232,7 +238,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
     int* semaphore = nullptr;
     if (p.deterministic) {
       // Wait for the key blocks before this one (in band order) to have added their dQ_i.
-      semaphore = p.dq_semaphore + (b * p.num_heads + h) * m_blocks + m_block;
+      // One counter per (sequence, head, query block); varlen: blocks of the longest sequence.
+      const int64_t m_blocks_all = kVarlen ? (params.seqlen_q + kBlockM - 1) / kBlockM : m_blocks;
+      semaphore = p.dq_semaphore + (seq * p.num_heads + h) * m_blocks_all + m_block;
       const int turn = static_cast<int>(n_block - band_key_begin(p, m0) / kBlockN);
       if (threadIdx.x == 0)
         while (ld_acquire(semaphore) != turn) __nanosleep(40);
@@ -240,7 +248,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
     }
     if (!skip) {
       // dQ_i += dS K_j, straight into the fp32 accumulator (scale applied when converting).
-      float* dq_accum = p.dq_accum + ((b * p.num_heads + h) * p.seqlen_q + m0) * kHeadDim;
+      float* dq_accum = p.dq_accum + (row_array_offset(p, b, h) + m0) * kHeadDim;
       constexpr int kGroupsDq = Traits::kWarpsColsDq, kChunkPairs = Traits::kDqChunk / 16;
 #pragma unroll
       for (int chunk = 0; chunk < Traits::kDqCols / Traits::kDqChunk; ++chunk) {

@@ -130,7 +130,7 @@ struct BwdWorkspace {
 };
 BwdWorkspace bwd_workspace(const AttentionGradParams& p, int bucket) {
   BwdWorkspace w;
-  const size_t rows = static_cast<size_t>(p.batch * p.num_heads * p.seqlen_q);
+  const size_t rows = static_cast<size_t>(row_array_rows(p));
   w.dq_accum_bytes = align_up(rows * bucket * sizeof(float));
   const size_t m_blocks = static_cast<size_t>((p.seqlen_q + kBwdBlockM - 1) / kBwdBlockM);
   w.semaphore_bytes = p.deterministic ? align_up(static_cast<size_t>(p.batch * p.num_heads) * m_blocks * 4) : 0;
@@ -214,10 +214,10 @@ int select_sm90_bucket(const AttentionParams& p) {
   return bucket;
 }
 
-// The Hopper forward where it takes the call (plain attention, 16-byte aligned rows);
+// The Hopper forward where it takes the call (plain dense attention, 16-byte aligned rows);
 // cudaErrorNotSupported where it does not.
 cudaError_t run_fwd_sm90(const AttentionParams& p, cudaStream_t stream, int sm_major) {
-  if (!sm90_kernels_enabled(sm_major) || has_extras(p) || !fwd_vectorized(p) ||
+  if (!sm90_kernels_enabled(sm_major) || has_extras(p) || p.cu_seqlens_q != nullptr || !fwd_vectorized(p) ||
       tensor_core_unsupported_reason(p, sm_major) != nullptr)
     return cudaErrorNotSupported;
   const int bucket = select_sm90_bucket(p);

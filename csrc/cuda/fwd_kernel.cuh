@@ -30,8 +30,11 @@
 
 namespace flashattn::cuda {
 
-template <class Traits>
-__global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionParams p, const bool vectorized) {
+// kVarlen: params hold packed sequences (cu_seqlens); this block works on its sequence's rows only
+// (select_sequence). A separate instantiation, so the dense kernels keep their registers: the
+// per-sequence lengths and pointers come from global memory, where the dense ones are constants.
+template <class Traits, bool kVarlen = false>
+__global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionParams params, const bool vectorized) {
   using Element = typename Traits::Element;
   using TileQ = typename Traits::TileQ;
   using TileK = typename Traits::TileK;
@@ -58,19 +61,21 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
   Element* sV = sK + Traits::kStages * TileK::kElements;  // [Traits::kStages] V tiles
 
   // Which (batch, head) and query block. Heavy (late, under a causal band) blocks start first.
+  // (For varlen, of sequence b: a block past its last row has nothing to do.)
   const int64_t bh = blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z;
-  if (bh >= p.batch * p.num_heads) return;
-  const int64_t b = bh / p.num_heads, h = bh % p.num_heads;
+  if (bh >= params.batch * params.num_heads) return;
+  if (kExtras && bh == 0 && blockIdx.x == 0 && threadIdx.x == 0) record_rng_state(params);
+  int64_t b = bh / params.num_heads;
+  const int64_t h = bh % params.num_heads;
+  AttentionParams p = params;
+  if constexpr (kVarlen) select_sequence(p, b);
   const int64_t h_k = h / (p.num_heads / p.num_heads_k);
   const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
+  if (kVarlen && m0 >= p.seqlen_q) return;
   const int rows = static_cast<int>(p.seqlen_q - m0 < kBlockM ? p.seqlen_q - m0 : kBlockM);
   const int64_t m_last = m0 + rows - 1;
 
   const ScoreMods mods(p, b, h);
-  if (kExtras && p.rng_state != nullptr && p.dropout_p > 0.f && bh == 0 && blockIdx.x == 0 && threadIdx.x == 0) {
-    p.rng_state[0] = static_cast<int64_t>(mods.seed);
-    p.rng_state[1] = static_cast<int64_t>(mods.offset);
-  }
 
   // Key blocks that meet the band of rows [m0, m_last].
   const int64_t key_begin = band_key_begin(p, m0), key_end = band_key_end(p, m_last);
@@ -263,7 +268,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
   }
 
   // Epilogue: O /= row_sum, lse (natural log); rows that saw no key: O = 0, lse = -inf.
-  float* lse = p.lse + bh * p.seqlen_q + m0;
+  float* lse = p.lse + row_array_offset(p, b, h) + m0;
   softmax.finalize(acc_o, dropout ? dropout_keep_scale<float>(p.dropout_p) : 1.f, [&](int mt, int half, auto&& row_lse) {
     const int row = acc.row(warp_row0, mt, 2 * half);
     if (acc.t == 0 && row < rows) lse[row] = row_lse();

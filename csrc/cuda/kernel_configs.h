@@ -36,6 +36,12 @@ struct FwdConfig {
                                              FwdTraits<Element, kHeadDim, 128, kBlockN, kWarps, false, 2,
                                                        kHeadDim == 128 ? 2 : 1>>;
   using TraitsExtras = FwdTraits<Element, kHeadDim, 64, kHeadDim <= 128 ? 64 : (kHeadDim <= 192 ? 32 : 16), 4, true>;
+  // Varlen (fwd_kernel<..., true>) runs on Traits or on this: the extras tile with half the key
+  // block where the sequence's lengths and pointers (registers there, constants in the dense
+  // kernels) would spill it: d = 96 / 128 with 64 keys spilled 152 / 124 bytes on sm80, d = 192
+  // with 32 keys 176; with these 0. d = 256 cannot go below 16 keys (it spills, see README.md).
+  using TraitsVarlenExtras =
+      FwdTraits<Element, kHeadDim, 64, kHeadDim <= 64 ? 64 : (kHeadDim <= 128 ? 32 : 16), 4, true>;
 };
 
 // Backward: a CTA owns block_n keys (8 warps), loops over query blocks of block_m = 64.

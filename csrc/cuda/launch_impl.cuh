@@ -10,54 +10,63 @@
 
 namespace flashattn::cuda {
 
-template <class Traits>
+template <class Traits, bool kVarlen = false>
 cudaError_t launch_fwd_kernel(const AttentionParams& p, const LaunchOptions& opt, cudaStream_t stream) {
   const int64_t m_blocks = ceil_div(p.seqlen_q, Traits::kBlockM);
   if (m_blocks == 0 || p.batch * p.num_heads == 0) return cudaSuccess;
-  auto kernel = fwd_kernel<Traits>;
+  auto kernel = fwd_kernel<Traits, kVarlen>;
   constexpr int smem_bytes = Traits::kSmemBytes;
   if (smem_bytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (err != cudaSuccess) return err;
   }
   FLASHATTN_LAUNCH(tile_grid(m_blocks, p.batch * p.num_heads), Traits::kThreads, smem_bytes, stream,
-                   fwd_kernel<Traits>)(p, opt.vectorized);
+                   fwd_kernel<Traits, kVarlen>)(p, opt.vectorized);
   return cudaGetLastError();
 }
 
+// Varlen (p.cu_seqlens_q set) has two kernels of its own: the single-stage plain tile and
+// TraitsVarlenExtras; the dense calls the other three of FwdConfig.
 template <typename Element, int kHeadDim>
 cudaError_t launch_fwd(const AttentionParams& p, const LaunchOptions& opt, cudaStream_t stream) {
   using Config = FwdConfig<Element, kHeadDim>;
+  if (p.cu_seqlens_q != nullptr)
+    return opt.extras ? launch_fwd_kernel<typename Config::TraitsVarlenExtras, true>(p, opt, stream)
+                      : launch_fwd_kernel<typename Config::Traits, true>(p, opt, stream);
   if (opt.extras) return launch_fwd_kernel<typename Config::TraitsExtras>(p, opt, stream);
   if (opt.kv_stages == 2 && Config::TraitsPipelined::kStages == 2)
     return launch_fwd_kernel<typename Config::TraitsPipelined>(p, opt, stream);
   return launch_fwd_kernel<typename Config::Traits>(p, opt, stream);
 }
 
-template <class Traits>
+template <class Traits, bool kVarlen = false>
 cudaError_t launch_bwd_kernel(const AttentionGradParams& p, const LaunchOptions& opt, cudaStream_t stream) {
   const int64_t n_blocks = ceil_div(p.seqlen_k, Traits::kBlockN);
   if (n_blocks == 0 || p.batch * p.num_heads_k == 0) return cudaSuccess;
-  auto kernel = bwd_kernel<Traits>;
+  auto kernel = bwd_kernel<Traits, kVarlen>;
   constexpr int smem_bytes = Traits::kSmemBytes;
   if (smem_bytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (err != cudaSuccess) return err;
   }
   FLASHATTN_LAUNCH(tile_grid(n_blocks, p.batch * p.num_heads_k), Traits::kThreads, smem_bytes, stream,
-                   bwd_kernel<Traits>)(p, opt.vectorized);
+                   bwd_kernel<Traits, kVarlen>)(p, opt.vectorized);
   return cudaGetLastError();
 }
 
 template <typename Element, int kHeadDim>
 cudaError_t launch_bwd(const AttentionGradParams& p, const LaunchOptions& opt, cudaStream_t stream) {
   using Config = BwdConfig<Element, kHeadDim>;
-  const cudaError_t err = opt.extras ? launch_bwd_kernel<typename Config::TraitsExtras>(p, opt, stream)
-                                     : launch_bwd_kernel<typename Config::Traits>(p, opt, stream);
+  // Varlen runs on a kernel of its own, the extras tile (with the plain one ptxas spilled at d=128).
+  const cudaError_t err = p.cu_seqlens_q != nullptr ? launch_bwd_kernel<typename Config::TraitsExtras, true>(p, opt, stream)
+                          : opt.extras              ? launch_bwd_kernel<typename Config::TraitsExtras>(p, opt, stream)
+                                                    : launch_bwd_kernel<typename Config::Traits>(p, opt, stream);
   if (err != cudaSuccess) return err;
-  const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
+  const AttentionGradParams rows_p = packed_rows(p);
+  const int64_t rows = row_array_rows(rows_p);
   if (rows == 0) return cudaSuccess;
-  FLASHATTN_LAUNCH(static_cast<unsigned>(ceil_div(rows, 8)), dim3(32, 8), 0, stream, dq_convert_kernel<Element>)(p, kHeadDim);
+  FLASHATTN_LAUNCH(static_cast<unsigned>(ceil_div(rows, 8)), dim3(32, 8), 0, stream, dq_convert_kernel<Element>)(rows_p,
+                                                                                                                kHeadDim);
   return cudaGetLastError();
 }
 

@@ -21,6 +21,26 @@
 
 namespace flashattn::cuda {
 
+// The call's Philox (seed, offset): the values, or under CUDA graph capture what the pointers hold.
+__device__ __forceinline__ void philox_seed_offset(const AttentionParams& p, uint64_t& seed, uint64_t& offset) {
+  seed = p.philox_seed;
+  offset = p.philox_offset;
+  if (p.philox_seed_ptr != nullptr) {
+    seed = static_cast<uint64_t>(*p.philox_seed_ptr);
+    offset = static_cast<uint64_t>(*p.philox_offset_ptr) + p.philox_offset_intragraph;
+  }
+}
+
+// A forward with dropout records the (seed, offset) it used in rng_state, from the call's params
+// (before select_sequence: varlen sequence b adds b itself). One thread of the grid calls it.
+__device__ __forceinline__ void record_rng_state(const AttentionParams& p) {
+  if (p.rng_state == nullptr || !(p.dropout_p > 0.f)) return;
+  uint64_t seed, offset;
+  philox_seed_offset(p, seed, offset);
+  p.rng_state[0] = static_cast<int64_t>(seed);
+  p.rng_state[1] = static_cast<int64_t>(offset);
+}
+
 // Per-(batch, head) state. It holds no reference to the params: every method takes them, so a
 // kernel's by-value params stay in the parameter space (a stored reference would force a local
 // copy of the whole struct).
@@ -44,12 +64,7 @@ struct ScoreMods {
     // masked (-inf) scores into NaN.
     has_transform = p.softcap > 0.f || p.alibi_slopes != nullptr || float_mask || !(p.softmax_scale > 0.f);
     has_element_mask = p.mask_kind == MaskKind::kBool || p.block_mask != nullptr;
-    seed = p.philox_seed;
-    offset = p.philox_offset;
-    if (p.philox_seed_ptr != nullptr) {
-      seed = static_cast<uint64_t>(*p.philox_seed_ptr);
-      offset = static_cast<uint64_t>(*p.philox_offset_ptr) + p.philox_offset_intragraph;
-    }
+    philox_seed_offset(p, seed, offset);
     keep_threshold = dropout_keep_threshold(p.dropout_p);
   }
 

@@ -1,4 +1,4 @@
-// Launchers of the SIMT path (every element type), the backward preprocessing, the dmask zeroing
+// Launchers of the SIMT path (every element type; dense and varlen kernels), the backward preprocessing, the dmask zeroing
 // and the test-only dropout mask. Always compiled.
 #include "bwd_preprocess.cuh"
 #include "grid.h"
@@ -16,7 +16,10 @@ cudaError_t simt_fwd(const AttentionParams& p, cudaStream_t stream) {
   const int64_t tiles = ceil_div(p.seqlen_q, kSimtWarps);
   if (tiles == 0 || p.batch * p.num_heads == 0) return cudaSuccess;
   const size_t smem = kSimtWarps * p.headdim * sizeof(Acc);
-  FLASHATTN_LAUNCH(tile_grid(tiles, p.batch * p.num_heads), 32 * kSimtWarps, smem, stream, simt_fwd_kernel<T>)(p);
+  if (p.cu_seqlens_q != nullptr)
+    FLASHATTN_LAUNCH(tile_grid(tiles, p.batch * p.num_heads), 32 * kSimtWarps, smem, stream, simt_fwd_kernel<T, true>)(p);
+  else
+    FLASHATTN_LAUNCH(tile_grid(tiles, p.batch * p.num_heads), 32 * kSimtWarps, smem, stream, simt_fwd_kernel<T>)(p);
   return cudaGetLastError();
 }
 
@@ -26,21 +29,29 @@ cudaError_t simt_bwd(const AttentionGradParams& p, cudaStream_t stream) {
   const size_t smem = kSimtWarps * (p.headdim + p.headdim_v) * sizeof(Acc);
   const int64_t q_tiles = ceil_div(p.seqlen_q, kSimtWarps), k_tiles = ceil_div(p.seqlen_k, kSimtWarps);
   if (q_tiles > 0 && p.batch * p.num_heads > 0) {
-    FLASHATTN_LAUNCH(tile_grid(q_tiles, p.batch * p.num_heads), 32 * kSimtWarps, smem, stream, simt_bwd_dq_kernel<T>)(p);
+    const dim3 grid = tile_grid(q_tiles, p.batch * p.num_heads);
+    if (p.cu_seqlens_q != nullptr)
+      FLASHATTN_LAUNCH(grid, 32 * kSimtWarps, smem, stream, simt_bwd_dq_kernel<T, true>)(p);
+    else
+      FLASHATTN_LAUNCH(grid, 32 * kSimtWarps, smem, stream, simt_bwd_dq_kernel<T>)(p);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if (k_tiles > 0 && p.batch * p.num_heads_k > 0) {
-    FLASHATTN_LAUNCH(tile_grid(k_tiles, p.batch * p.num_heads_k), 32 * kSimtWarps, smem, stream,
-                     simt_bwd_dkdv_kernel<T>)(p);
+    const dim3 grid = tile_grid(k_tiles, p.batch * p.num_heads_k);
+    if (p.cu_seqlens_q != nullptr)
+      FLASHATTN_LAUNCH(grid, 32 * kSimtWarps, smem, stream, simt_bwd_dkdv_kernel<T, true>)(p);
+    else
+      FLASHATTN_LAUNCH(grid, 32 * kSimtWarps, smem, stream, simt_bwd_dkdv_kernel<T>)(p);
     return cudaGetLastError();
   }
   return cudaSuccess;
 }
 
 template <typename T, typename Acc>
-cudaError_t preprocess(const AttentionGradParams& p, cudaStream_t stream) {
-  const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
+cudaError_t preprocess(const AttentionGradParams& params, cudaStream_t stream) {
+  const AttentionGradParams p = packed_rows(params);
+  const int64_t rows = row_array_rows(p);
   if (rows == 0) return cudaSuccess;
   FLASHATTN_LAUNCH(static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream, bwd_preprocess_kernel<T, Acc>)(p);
   return cudaGetLastError();

@@ -59,22 +59,23 @@ __device__ __forceinline__ Acc row_dot(const Acc* a, const T* b, int64_t n) {
   return sum;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(32 * kSimtWarps) simt_fwd_kernel(const AttentionParams p) {
+template <typename T, bool kVarlen = false>
+__global__ void __launch_bounds__(32 * kSimtWarps) simt_fwd_kernel(const AttentionParams params) {
   using Acc = typename SimtAcc<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  Acc* s_q = reinterpret_cast<Acc*>(smem_raw) + warp * p.headdim;
+  Acc* s_q = reinterpret_cast<Acc*>(smem_raw) + warp * params.headdim;
 
   const int64_t bh = blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp;
-  if (bh >= p.batch * p.num_heads || i >= p.seqlen_q) return;
-  const int64_t b = bh / p.num_heads, h = bh % p.num_heads, h_k = h / (p.num_heads / p.num_heads_k);
+  if (bh >= params.batch * params.num_heads) return;
+  if (bh == 0 && blockIdx.x == 0 && threadIdx.x == 0) record_rng_state(params);
+  int64_t b = bh / params.num_heads;
+  AttentionParams p = params;
+  if constexpr (kVarlen) select_sequence(p, b);  // sequence b's rows
+  if (i >= p.seqlen_q) return;
+  const int64_t h = bh % p.num_heads, h_k = h / (p.num_heads / p.num_heads_k);
   const ScoreMods mods(p, b, h);
-  if (p.rng_state != nullptr && p.dropout_p > 0.f && bh == 0 && i == 0 && lane == 0) {
-    p.rng_state[0] = static_cast<int64_t>(mods.seed);
-    p.rng_state[1] = static_cast<int64_t>(mods.offset);
-  }
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i * p.q_row_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride;
@@ -125,7 +126,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_fwd_kernel(const Attenti
     if (d < p.headdim_v) store_from_acc(out + d, o[c] * inv);
   }
   if (lane == 0)
-    p.lse[bh * p.seqlen_q + i] = row_sum > Acc(0) ? static_cast<float>(row_max + log(row_sum)) : -INFINITY;
+    p.lse[row_array_offset(p, b, h) + i] = row_sum > Acc(0) ? static_cast<float>(row_max + log(row_sum)) : -INFINITY;
 }
 
 // Shared by both backward kernels: P, dP and dS of one visible (i, j) pair.
@@ -146,18 +147,22 @@ __device__ __forceinline__ void simt_grad_element(const AttentionGradParams& p, 
   *ds_qk = ds * softcap_grad * static_cast<Acc>(p.softmax_scale);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dq_kernel(const AttentionGradParams p) {
+template <typename T, bool kVarlen = false>
+__global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dq_kernel(const AttentionGradParams params) {
   using Acc = typename SimtAcc<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  Acc* s_q = reinterpret_cast<Acc*>(smem_raw) + warp * (p.headdim + p.headdim_v);
-  Acc* s_do = s_q + p.headdim;
+  Acc* s_q = reinterpret_cast<Acc*>(smem_raw) + warp * (params.headdim + params.headdim_v);
+  Acc* s_do = s_q + params.headdim;
 
   const int64_t bh = blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp;
-  if (bh >= p.batch * p.num_heads || i >= p.seqlen_q) return;
-  const int64_t b = bh / p.num_heads, h = bh % p.num_heads, h_k = h / (p.num_heads / p.num_heads_k);
+  if (bh >= params.batch * params.num_heads) return;
+  int64_t b = bh / params.num_heads;
+  AttentionGradParams p = params;
+  if constexpr (kVarlen) select_sequence(p, b);  // sequence b's rows
+  if (i >= p.seqlen_q) return;
+  const int64_t h = bh % p.num_heads, h_k = h / (p.num_heads / p.num_heads_k);
   const ScoreMods mods(p, b, h);
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i * p.q_row_stride;
   const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
@@ -170,8 +175,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dq_kernel(const Atte
   Acc dq[kSimtChunks];
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) dq[c] = 0;
-  const float lse = p.lse[bh * p.seqlen_q + i];
-  const Acc delta = p.delta[bh * p.seqlen_q + i];
+  const float lse = p.lse[row_array_offset(p, b, h) + i];
+  const Acc delta = p.delta[row_array_offset(p, b, h) + i];
   const int64_t key_begin = band_key_begin(p, i), key_end = lse == -INFINITY ? key_begin : band_key_end(p, i);
   for (int64_t j0 = key_begin; j0 < key_end; j0 += 32) {
     const int64_t j = j0 + lane;
@@ -202,18 +207,22 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dq_kernel(const Atte
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dkdv_kernel(const AttentionGradParams p) {
+template <typename T, bool kVarlen = false>
+__global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dkdv_kernel(const AttentionGradParams params) {
   using Acc = typename SimtAcc<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  Acc* s_k = reinterpret_cast<Acc*>(smem_raw) + warp * (p.headdim + p.headdim_v);
-  Acc* s_v = s_k + p.headdim;
+  Acc* s_k = reinterpret_cast<Acc*>(smem_raw) + warp * (params.headdim + params.headdim_v);
+  Acc* s_v = s_k + params.headdim;
 
   const int64_t bh_k = blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp;
-  if (bh_k >= p.batch * p.num_heads_k || j >= p.seqlen_k) return;
-  const int64_t b = bh_k / p.num_heads_k, h_k = bh_k % p.num_heads_k, group = p.num_heads / p.num_heads_k;
+  if (bh_k >= params.batch * params.num_heads_k) return;
+  int64_t b = bh_k / params.num_heads_k;
+  AttentionGradParams p = params;
+  if constexpr (kVarlen) select_sequence(p, b);  // sequence b's rows
+  if (j >= p.seqlen_k) return;
+  const int64_t h_k = bh_k % p.num_heads_k, group = p.num_heads / p.num_heads_k;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride + j * p.k_row_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride + j * p.v_row_stride;
   for (int64_t d = lane; d < p.headdim; d += 32) s_k[d] = to_float_acc(k[d]);
@@ -239,18 +248,18 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dkdv_kernel(const At
   for (int c = 0; c < kSimtChunks; ++c) dk[c] = 0, dv[c] = 0;
   for (int64_t h = h_k * group; h < (h_k + 1) * group; ++h) {
     const ScoreMods mods(p, b, h);
-    const int64_t bh = b * p.num_heads + h;
+    const int64_t rows = row_array_offset(p, b, h);
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
     for (int64_t i0 = row_begin; i0 < row_end; i0 += 32) {
       const int64_t i = i0 + lane;
       Acc prob_dropped = 0, ds = 0;
       if (i < row_end && mods.visible(p, i, j)) {
-        const float lse = p.lse[bh * p.seqlen_q + i];
+        const float lse = p.lse[rows + i];
         if (lse != -INFINITY) {
           const Acc s = row_dot(s_k, q + i * p.q_row_stride, p.headdim);
           const Acc dprob = row_dot(s_v, dout + i * p.do_row_stride, p.headdim_v);
-          simt_grad_element<T, Acc>(p, mods, b, h, i, j, s, dprob, lse, p.delta[bh * p.seqlen_q + i], false,
+          simt_grad_element<T, Acc>(p, mods, b, h, i, j, s, dprob, lse, p.delta[rows + i], false,
                                     &prob_dropped, &ds);
         }
       }

@@ -74,13 +74,29 @@ size_t span_view(int64_t batch, int64_t heads, int64_t rows, int64_t cols, const
                      v.row_stride, v.col_stride, elem);
 }
 
+// The (batch, rows) the q-row and k-row tensors span: dense (batch, seqlen_q / seqlen_k); varlen
+// one batch of all packed rows (total_q, and total_k from cu_seqlens_k, host memory here).
+struct Extents {
+  int64_t batch, rows_q, rows_k;
+};
+Extents extents(const AttentionParams& p) {
+  if (p.cu_seqlens_q == nullptr) return {p.batch, p.seqlen_q, p.seqlen_k};
+  return {1, p.total_q, p.cu_seqlens_k[p.batch]};
+}
+
 void guard_forward_inputs(AttentionParams& p, emu::GuardedBuffers& g) {
   const size_t e = element_bytes(p.dtype);
-  p.q = g.guard("q", p.q, span4(p.batch, p.num_heads, p.seqlen_q, p.headdim, p.q_batch_stride, p.q_head_stride,
+  const Extents x = extents(p);
+  if (p.cu_seqlens_q != nullptr) {
+    const size_t bytes = static_cast<size_t>(p.batch + 1) * sizeof(int32_t);
+    p.cu_seqlens_q = g.guard("cu_seqlens_q", p.cu_seqlens_q, bytes, false);
+    p.cu_seqlens_k = g.guard("cu_seqlens_k", p.cu_seqlens_k, bytes, false);
+  }
+  p.q = g.guard("q", p.q, span4(x.batch, p.num_heads, x.rows_q, p.headdim, p.q_batch_stride, p.q_head_stride,
                                  p.q_row_stride, e), false);
-  p.k = g.guard("k", p.k, span4(p.batch, p.num_heads_k, p.seqlen_k, p.headdim, p.k_batch_stride, p.k_head_stride,
+  p.k = g.guard("k", p.k, span4(x.batch, p.num_heads_k, x.rows_k, p.headdim, p.k_batch_stride, p.k_head_stride,
                                  p.k_row_stride, e), false);
-  p.v = g.guard("v", p.v, span4(p.batch, p.num_heads_k, p.seqlen_k, p.headdim_v, p.v_batch_stride,
+  p.v = g.guard("v", p.v, span4(x.batch, p.num_heads_k, x.rows_k, p.headdim_v, p.v_batch_stride,
                                  p.v_head_stride, p.v_row_stride, e), false);
   if (p.mask != nullptr)
     p.mask = g.guard("attn_mask", p.mask,
@@ -107,7 +123,7 @@ void guard_forward_inputs(AttentionParams& p, emu::GuardedBuffers& g) {
   p.philox_offset_ptr = g.guard("philox_offset", p.philox_offset_ptr, 8, false);
 }
 
-size_t rows_bytes(const AttentionParams& p) { return static_cast<size_t>(p.batch * p.num_heads * p.seqlen_q) * 4; }
+size_t rows_bytes(const AttentionParams& p) { return static_cast<size_t>(flashattn::row_array_rows(p)) * 4; }
 
 emu::Schedule schedule_of(int s) {
   switch (s) {
@@ -156,8 +172,9 @@ int run_fwd(const AttentionParams* params, const FlashattnEmulatorOptions* o, co
   configure(o);
   AttentionParams p = *params;
   emu::GuardedBuffers g;
+  const Extents x = extents(p);
   guard_forward_inputs(p, g);
-  p.out = g.guard("out", p.out, span4(p.batch, p.num_heads, p.seqlen_q, p.headdim_v, p.o_batch_stride,
+  p.out = g.guard("out", p.out, span4(x.batch, p.num_heads, x.rows_q, p.headdim_v, p.o_batch_stride,
                                        p.o_head_stride, p.o_row_stride, element_bytes(p.dtype)), true);
   p.lse = g.guard("lse", p.lse, rows_bytes(p), true);
   p.rng_state = g.guard("rng_state", p.rng_state, 16, true);
@@ -175,17 +192,18 @@ int run_bwd(const AttentionGradParams* params, void* workspace, size_t workspace
   AttentionGradParams p = *params;
   const size_t e = element_bytes(p.dtype);
   emu::GuardedBuffers g;
+  const Extents x = extents(p);
   guard_forward_inputs(p, g);
-  p.out = g.guard("out", p.out, span4(p.batch, p.num_heads, p.seqlen_q, p.headdim_v, p.o_batch_stride,
+  p.out = g.guard("out", p.out, span4(x.batch, p.num_heads, x.rows_q, p.headdim_v, p.o_batch_stride,
                                        p.o_head_stride, p.o_row_stride, e), false);
   p.lse = g.guard("lse", p.lse, rows_bytes(p), false);
-  p.dout = g.guard("grad_out", p.dout, span4(p.batch, p.num_heads, p.seqlen_q, p.headdim_v, p.do_batch_stride,
+  p.dout = g.guard("grad_out", p.dout, span4(x.batch, p.num_heads, x.rows_q, p.headdim_v, p.do_batch_stride,
                                               p.do_head_stride, p.do_row_stride, e), false);
-  p.dq = g.guard("dq", p.dq, span4(p.batch, p.num_heads, p.seqlen_q, p.headdim, p.dq_batch_stride,
+  p.dq = g.guard("dq", p.dq, span4(x.batch, p.num_heads, x.rows_q, p.headdim, p.dq_batch_stride,
                                     p.dq_head_stride, p.dq_row_stride, e), true);
-  p.dk = g.guard("dk", p.dk, span4(p.batch, p.num_heads_k, p.seqlen_k, p.headdim, p.dk_batch_stride,
+  p.dk = g.guard("dk", p.dk, span4(x.batch, p.num_heads_k, x.rows_k, p.headdim, p.dk_batch_stride,
                                     p.dk_head_stride, p.dk_row_stride, e), true);
-  p.dv = g.guard("dv", p.dv, span4(p.batch, p.num_heads_k, p.seqlen_k, p.headdim_v, p.dv_batch_stride,
+  p.dv = g.guard("dv", p.dv, span4(x.batch, p.num_heads_k, x.rows_k, p.headdim_v, p.dv_batch_stride,
                                     p.dv_head_stride, p.dv_row_stride, e), true);
   p.delta = g.guard("delta", p.delta, rows_bytes(p), true);
   if (p.dmask != nullptr)

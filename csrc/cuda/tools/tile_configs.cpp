@@ -34,6 +34,7 @@ int main() {
     fwd<typename F::Traits>("plain");
     fwd<typename F::TraitsPipelined>("pipelined");
     fwd<typename F::TraitsExtras>("extras");
+    fwd<typename F::TraitsVarlenExtras>("varlen-extras");
     bwd<typename B::Traits>("plain");
     bwd<typename B::TraitsExtras>("extras");
   });
