@@ -99,7 +99,7 @@ sys.path.insert(0, "csrc/cuda/tools")
 import table
 for c in table.tile_configs():
     extra = f"{c['stages']} stage(s), sub-tiles {c.get('sub_tiles', 1)}" if c["dir"] == "fwd" else f"{c['stages']} stage(s)"
-    print(f"{c['dir']} d={c['headdim']:<3} {c['role']:<9} {c['block_m']:>3} x {c['block_n']:<3} {c['warps']} warps, {extra}, {c['smem_bytes']} B")
+    print(f"{c['dir']} d={c['headdim']:<3} {c['role']:<13} {c['block_m']:>3} x {c['block_n']:<3} {c['warps']} warps, {extra}, {c['smem_bytes']} B")
 PY
 )
 

@@ -115,8 +115,11 @@ struct AttentionParams {
   // 0 and seqlen_q / seqlen_k are the longest lengths (they size the grids). The per-row arrays
   // (lse, delta, the dQ accumulator) are (heads, total_q). Kernels see one sequence at a time
   // through select_sequence. No attn_mask or block mask.
+  // With seqused_k set, sequence b's keys are rows [cu_seqlens_k[b], cu_seqlens_k[b] + seqused_k[b])
+  // instead (start rows, not cumulative: the KV cache, where each sequence owns a cache row).
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
+  const int32_t* seqused_k = nullptr;
   int64_t total_q = 0;
   int64_t seq_row0 = 0;  // set by select_sequence: the sequence's first packed query row
 };
@@ -148,12 +151,14 @@ struct AttentionGradParams : AttentionParams {
 
 
 // Rows of the per-row arrays (lse, delta, the CUDA dQ accumulator): (batch, heads, seqlen_q), or
-// (heads, total_q) for varlen; and the index of row 0 of (b, h) in them.
+// (heads, total_q) for varlen; and the index of row 0 of (b, h) in them (for a kernel that knows
+// at compile time which it runs: kVarlen, after select_sequence).
 FLASHATTN_HOST_DEVICE int64_t row_array_rows(const AttentionParams& p) {
   return p.cu_seqlens_q != nullptr ? p.num_heads * p.total_q : p.batch * p.num_heads * p.seqlen_q;
 }
+template <bool kVarlen>
 FLASHATTN_HOST_DEVICE int64_t row_array_offset(const AttentionParams& p, int64_t b, int64_t h) {
-  return p.cu_seqlens_q != nullptr ? h * p.total_q + p.seq_row0 : (b * p.num_heads + h) * p.seqlen_q;
+  return kVarlen ? h * p.total_q + p.seq_row0 : (b * p.num_heads + h) * p.seqlen_q;
 }
 
 FLASHATTN_HOST_DEVICE int64_t dtype_bytes(DType t) {
@@ -173,7 +178,7 @@ FLASHATTN_HOST_DEVICE void select_sequence(AttentionParams& p, int64_t& b) {
   if (p.cu_seqlens_q == nullptr) return;
   const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
   p.seqlen_q = p.cu_seqlens_q[b + 1] - q0;
-  p.seqlen_k = p.cu_seqlens_k[b + 1] - k0;
+  p.seqlen_k = p.seqused_k != nullptr ? p.seqused_k[b] : p.cu_seqlens_k[b + 1] - k0;
   p.seq_row0 = q0;
   p.q = advance_rows(p.q, q0, p.q_row_stride, p.dtype);
   p.out = advance_rows(p.out, q0, p.o_row_stride, p.dtype);

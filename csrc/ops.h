@@ -43,6 +43,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bwd_op(
 // launch path (csrc/cuda/launch.h); other CPU tensors the CPU kernels.
 bool runs_cuda_kernels(const at::Tensor& q);
 
+// The CUDA kernels' forward (a GPU, or the emulator) on packed (rows, heads, dim) q/k/v/out in one
+// launch (ops_varlen.cpp): sequence b has query rows [cu_q[b], cu_q[b + 1]) and key rows
+// [cu_k[b], cu_k[b + 1]), or [cu_k[b], cu_k[b] + used_k[b]) when used_k is given (cu_k then holds
+// start rows: a KV cache). int32 tensors, checked by the caller; longest_*: the largest lengths.
+// lse: (heads, total_q).
+struct PackedSequences {
+  at::Tensor cu_q, cu_k, used_k;
+  int64_t longest_q = 0, longest_k = 0;
+};
+void cuda_packed_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const PackedSequences& s,
+                         const AttentionOptions& o, at::Tensor& out, at::Tensor& lse, at::Tensor& rng_state);
+
 // The op layer's checks of (..., heads, seq, dim) query/key/value and the options, and the kernels'
 // dtype tag: for other ops' layers (ops_varlen.cpp, ops_kvcache.cpp).
 void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& o);

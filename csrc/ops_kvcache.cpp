@@ -7,7 +7,8 @@
 // 2. q (batch, seqlen_q, heads, dim), rotated at positions cache_seqlens[b] + i (causal / local) or
 //    cache_seqlens[b] (otherwise), as flash-attn, attends to keys cache_leftpad[b] ..
 //    cache_seqlens[b] + seqlen_new − 1; causal / window aligned bottom-right.
-// Validation once, here, naming the argument; the kernel (cpu/decode.cpp) assumes valid input.
+// Validation once, here, naming the argument; the kernels (cpu/decode.cpp; on CUDA the varlen
+// forward over the cache rows, cuda_kvcache_attention) assume valid input.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -60,6 +61,51 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return at::cat({rotated, rest}, -1).to(x.scalar_type());
 }
 
+// The CUDA kernels (a GPU, or the host emulator): the varlen forward over the cache in one launch,
+// query rows (batch * seqlen_q) against key rows [start[b], start[b] + seqlens_k[b]) of the cache
+// seen as (rows, heads_k, dim). A paged cache is first gathered into rows per sequence (a copy of
+// the pages in block_table: the page-aware kernel is not written yet); no split-KV yet.
+void cuda_kvcache_attention(const at::Tensor& q, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& table,
+                            const at::Tensor& seqlens_k, const at::Tensor& batch_idx, const at::Tensor& leftpad,
+                            const AttentionOptions& o, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), Hk = k_cache.size(2);
+  int64_t rows_per_seq = 0;  // cache rows between consecutive batch entries
+  if (table.defined()) {
+    const at::Tensor pages = table.flatten().to(q.device(), at::kLong);
+    rows_per_seq = table.size(1) * k_cache.size(1);
+    k_cache = k_cache.index_select(0, pages).view({B, rows_per_seq, Hk, k_cache.size(3)});
+    v_cache = v_cache.index_select(0, pages).view({B, rows_per_seq, Hk, v_cache.size(3)});
+  } else {
+    const auto ratio = [](const at::Tensor& c) {
+      return c.size(0) > 1 && c.stride(0) % c.stride(1) != 0 ? -1 : c.stride(0) / c.stride(1);
+    };
+    if (k_cache.size(0) > 1 && (ratio(k_cache) < 0 || ratio(k_cache) != ratio(v_cache)))
+      k_cache = k_cache.contiguous(), v_cache = v_cache.contiguous();
+    rows_per_seq = k_cache.size(0) > 1 ? ratio(k_cache) : k_cache.size(1);
+  }
+  const auto rows = [&](const at::Tensor& c) {  // (rows, heads_k, dim) over the whole cache
+    return c.as_strided({(c.size(0) - 1) * rows_per_seq + c.size(1), c.size(2), c.size(3)},
+                        {c.stride(1), c.stride(2), c.stride(3)}, c.storage_offset());
+  };
+  at::Tensor cu_q = at::arange(B + 1, at::kInt) * static_cast<int32_t>(Sq);
+  at::Tensor cu_k = at::zeros({B + 1}, at::kInt);  // start rows (the last entry is not read)
+  const int32_t* used = seqlens_k.data_ptr<int32_t>();
+  int64_t longest_k = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t row = batch_idx.defined() ? batch_idx.data_ptr<int64_t>()[b] : b;
+    cu_k.data_ptr<int32_t>()[b] =
+        static_cast<int32_t>(row * rows_per_seq + (leftpad.defined() ? leftpad.data_ptr<int64_t>()[b] : 0));
+    longest_k = std::max<int64_t>(longest_k, used[b]);
+  }
+  PackedSequences s;
+  s.cu_q = cu_q, s.cu_k = cu_k, s.used_k = seqlens_k, s.longest_q = Sq, s.longest_k = longest_k;
+  at::Tensor out_rows = out.view({B * Sq, Hq, out.size(3)});
+  at::Tensor lse_rows = at::empty({Hq, B * Sq}, lse.options());
+  at::Tensor rng_state = at::zeros({2}, q.options().dtype(at::kLong));
+  cuda_packed_forward(q.flatten(0, 1), rows(k_cache), rows(v_cache), s, o, out_rows, lse_rows, rng_state);
+  lse.copy_(lse_rows.view({Hq, B, Sq}).transpose(0, 1));
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_kvcache_op(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
     const std::optional<at::Tensor>& v_new, const std::optional<at::Tensor>& rotary_cos,
@@ -74,8 +120,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_op(
                     "flashattn_ext: k_cache and v_cache must be 4-D ((batch_cache, seqlen_cache, heads_k, headdim) "
                     "or paged (num_blocks, page_block_size, heads_k, headdim)), got ", k_cache.sizes(), " and ",
                     v_cache.sizes());
-  TORCH_CHECK_NOT_IMPLEMENTED(!q.is_cuda() && !emulating_cuda(),
-                              "flashattn_ext: the CUDA kvcache (decode) kernels are not yet built (runs on CPU)");
   TORCH_CHECK_VALUE(k_cache.size(0) == v_cache.size(0) && k_cache.size(1) == v_cache.size(1),
                     "flashattn_ext: k_cache and v_cache must have the same leading dims, got ", k_cache.sizes(),
                     " and ", v_cache.sizes());
@@ -212,6 +256,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_op(
   at::Tensor seqlens_k = (seqlens + Sn - (leftpad.defined() ? leftpad : at::zeros_like(seqlens))).to(at::kInt);
   at::Tensor alibi = alibi_slopes && alibi_slopes->defined() ? alibi_slopes->contiguous() : at::Tensor();
 
+  if (runs_cuda_kernels(q)) {
+    AttentionOptions co = o;
+    if (alibi.defined()) co.alibi_slopes = alibi;
+    cuda_kvcache_attention(q_used, k_cache, v_cache, table, seqlens_k.cpu(), batch_idx, leftpad, co, out, lse);
+    return {out, lse};
+  }
   KvCacheParams p;
   AttentionParams& a = p.attn;
   a.q = q_used.data_ptr(), a.k = k_cache.data_ptr(), a.v = v_cache.data_ptr(), a.out = out.data_ptr();

@@ -159,17 +159,16 @@ void set_packed_strides(const at::Tensor& x, int64_t& batch_stride, int64_t& hea
 }
 
 // What both directions share: lengths, cu_seqlens, q/k/v, ALiBi; `keep` holds what the pointers point into.
-void set_cuda_varlen(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& cu_q, const at::Tensor& cu_k, const SeqOffsets& seqs, const at::Tensor& alibi,
-                     std::vector<at::Tensor>& keep) {
-  int64_t longest_q = 0, longest_k = 0;
-  for (int64_t b = 0; b < seqs.batch(); ++b)
-    longest_q = std::max(longest_q, seqs.q[b + 1] - seqs.q[b]), longest_k = std::max(longest_k, seqs.k[b + 1] - seqs.k[b]);
-  p.batch = seqs.batch(), p.seqlen_q = longest_q, p.seqlen_k = longest_k, p.total_q = q.size(0);
-  keep.push_back(cu_q.contiguous());
-  keep.push_back(cu_k.contiguous());
-  p.cu_seqlens_q = keep[keep.size() - 2].data_ptr<int32_t>();
-  p.cu_seqlens_k = keep.back().data_ptr<int32_t>();
+void set_cuda_packed(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const PackedSequences& s, const at::Tensor& alibi, std::vector<at::Tensor>& keep) {
+  p.batch = s.cu_q.numel() - 1, p.seqlen_q = s.longest_q, p.seqlen_k = s.longest_k, p.total_q = q.size(0);
+  const auto on_device = [&](const at::Tensor& t) {  // the kernels read them (host tensors are copied over)
+    keep.push_back(t.to(q.device(), at::kInt).contiguous());
+    return keep.back().data_ptr<int32_t>();
+  };
+  p.cu_seqlens_q = on_device(s.cu_q);
+  p.cu_seqlens_k = on_device(s.cu_k);
+  if (s.used_k.defined()) p.seqused_k = on_device(s.used_k);
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
   set_packed_strides(q, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
   set_packed_strides(k, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
@@ -187,18 +186,14 @@ void set_lse_pointer(AttentionParams& p, const at::Tensor& lse) {
     p.lse = lse.data_ptr<float>();
 }
 
-void cuda_varlen_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_q,
-                     const at::Tensor& cu_k, const SeqOffsets& seqs, const AttentionOptions& o, at::Tensor& out,
-                     at::Tensor& lse, at::Tensor& rng_state) {
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  std::vector<at::Tensor> keep;
-  AttentionParams p = base_params(q, k, v, o);
-  set_cuda_varlen(p, q, k, v, cu_q, cu_k, seqs, alibi_of(o), keep);
-  p.out = out.data_ptr();
-  set_packed_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
-  set_lse_pointer(p, lse);
-  if (p.total_q == 0 || p.num_heads == 0) return;
-  cuda_kernels_forward(p, q, lse, rng_state);
+PackedSequences packed_sequences(const at::Tensor& cu_q, const at::Tensor& cu_k, const SeqOffsets& seqs) {
+  PackedSequences s;
+  s.cu_q = cu_q, s.cu_k = cu_k;
+  for (int64_t b = 0; b < seqs.batch(); ++b) {
+    s.longest_q = std::max(s.longest_q, seqs.q[b + 1] - seqs.q[b]);
+    s.longest_k = std::max(s.longest_k, seqs.k[b + 1] - seqs.k[b]);
+  }
+  return s;
 }
 
 void cuda_varlen_bwd(const at::Tensor& go, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -209,7 +204,7 @@ void cuda_varlen_bwd(const at::Tensor& go, const at::Tensor& q_in, const at::Ten
   std::vector<at::Tensor> keep;
   AttentionGradParams p;
   static_cast<AttentionParams&>(p) = base_params(q, k, v, o);
-  set_cuda_varlen(p, q, k, v, cu_q, cu_k, seqs, alibi_of(o), keep);
+  set_cuda_packed(p, q, k, v, packed_sequences(cu_q, cu_k, seqs), alibi_of(o), keep);
   p.deterministic = o.deterministic;
   p.out = out.data_ptr(), p.dout = go.data_ptr();
   set_packed_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
@@ -229,6 +224,20 @@ void cuda_varlen_bwd(const at::Tensor& go, const at::Tensor& q_in, const at::Ten
 
 }  // namespace
 
+void cuda_packed_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                         const PackedSequences& s, const AttentionOptions& o, at::Tensor& out, at::Tensor& lse,
+                         at::Tensor& rng_state) {
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  std::vector<at::Tensor> keep;
+  AttentionParams p = base_params(q, k, v, o);
+  set_cuda_packed(p, q, k, v, s, alibi_of(o), keep);
+  p.out = out.data_ptr();
+  set_packed_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
+  set_lse_pointer(p, lse);
+  if (p.total_q == 0 || p.num_heads == 0 || p.batch == 0) return;
+  cuda_kernels_forward(p, q, lse, rng_state);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                           const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
                                                           int64_t max_k, const AttentionOptions& o) {
@@ -240,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, c
   at::Tensor rng_state = at::zeros({2}, q.options().dtype(at::kLong));
   poison({out, lse});
   if (runs_cuda_kernels(q)) {
-    cuda_varlen_fwd(q, k, v, cu_q, cu_k, seqs, o, out, lse, rng_state);
+    cuda_packed_forward(q, k, v, packed_sequences(cu_q, cu_k, seqs), o, out, lse, rng_state);
     return {out, lse, rng_state};
   }
   if (o.dropout_p > 0) {

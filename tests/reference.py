@@ -99,3 +99,60 @@ def reference_varlen(q, k, v, lens_q, lens_k, keeps=None, dropout_p=0.0, alibi=N
         return (q.new_zeros(0, q.shape[1], v.shape[-1]).to(dtype),
                 torch.zeros(q.shape[1], 0, dtype=lse_dtype, device=q.device))
     return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def rotary_reference(x, cos, sin, positions, interleaved):
+    """x (B, S, H, D) rotated at positions (B, S); float64."""
+    x = x.double()
+    half = cos.shape[1]
+    c = cos.double()[positions][:, :, None, :]
+    s = sin.double()[positions][:, :, None, :]
+    xr, rest = x[..., :2 * half], x[..., 2 * half:]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        rot = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
+    return torch.cat([rot, rest], -1)
+
+
+def reference_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, *, cache_batch_idx=None, leftpad=None,
+                      rotary=None, causal=False, window=(-1, -1), softcap=0.0, alibi=None, scale=None,
+                      dtype=torch.float64):
+    """The expected cache after the append (in the cache dtype) and (out, lse) from per-batch dense
+    attention on the gathered cache: reference_attention in `dtype` (float64: the reference)."""
+    B, Sq = q.shape[:2]
+    Sn = 0 if k is None else k.shape[1]
+    kc, vc = k_cache.clone(), v_cache.clone()
+    qd = q.double()
+    if rotary is not None:
+        cos, sin, interleaved = rotary
+        pos_k = cache_seqlens.long()[:, None] + torch.arange(Sn, device=q.device)[None]
+        k = rotary_reference(k, cos, sin, pos_k, interleaved).to(k.dtype)
+        local = causal or window != (-1, -1)
+        pos_q = cache_seqlens.long()[:, None] + (torch.arange(Sq, device=q.device)[None] if local
+                                                  else torch.zeros(1, Sq, dtype=torch.long, device=q.device))
+        qd = rotary_reference(q, cos, sin, pos_q, interleaved).to(q.dtype).double()
+    outs, lses = [], []
+    for b in range(B):
+        row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+        end = int(cache_seqlens[b])
+        if k is not None:
+            kc[row, end:end + Sn] = k[b]
+            vc[row, end:end + Sn] = v[b]
+        start = 0 if leftpad is None else int(leftpad[b])
+        kb = kc[row, start:end + Sn].double().transpose(0, 1)
+        vb = vc[row, start:end + Sn].double().transpose(0, 1)
+        slopes = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi)
+        if kb.shape[-2] == 0:  # no key: out 0, lse -inf
+            o = torch.zeros(q.shape[2], Sq, v_cache.shape[-1], dtype=dtype, device=q.device)
+            lse = torch.full((q.shape[2], Sq), float("-inf"), dtype=torch.float64 if dtype == torch.float64
+                             else torch.float32, device=q.device)
+        else:
+            o, lse = reference_attention(qd[b].transpose(0, 1), kb, vb, scale=scale, causal=causal,
+                                         bottom_right=True, window=window, softcap=softcap, alibi_slopes=slopes,
+                                         dtype=dtype)
+        outs.append(o.transpose(0, 1))
+        lses.append(lse)
+    return kc, vc, torch.stack(outs), torch.stack(lses)

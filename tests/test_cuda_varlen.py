@@ -77,11 +77,20 @@ def check_varlen(name, q, k, v, lens_q, lens_k, *, alibi=None, keeps=None, check
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("head_dim", [32, 64, 128, 256, 40, 72])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 256, 40, 72])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_buckets(dtype, head_dim, causal):
     q, k, v = packed(LENS_Q, LENS_K, 2, 2, head_dim, head_dim, dtype)
     check_varlen(f"d{head_dim}", q, k, v, LENS_Q, LENS_K, causal=causal)
+
+
+@pytest.mark.parametrize("head_dim", [32, 96, 128, 192, 256])
+def test_extras_kernels_per_bucket(head_dim):
+    """The varlen extras tiles (kernel_configs.h TraitsVarlenExtras: other key blocks than the
+    dense ones) with softcap and 2-D ALiBi."""
+    q, k, v = packed(LENS_Q, LENS_K, 2, 2, head_dim, head_dim, torch.float16)
+    alibi = torch.rand(len(LENS_Q), 2, device=ct.DEV) * 0.5
+    check_varlen(f"extras d{head_dim}", q, k, v, LENS_Q, LENS_K, alibi=alibi, softcap=3.0, causal=True)
 
 
 OPTIONS = {

@@ -54,8 +54,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
   if (bh_k >= params.batch * params.num_heads_k) return;
   const int64_t seq = bh_k / params.num_heads_k, h_k = bh_k % params.num_heads_k;
   int64_t b = seq;
-  AttentionGradParams p = params;
-  if constexpr (kVarlen) select_sequence(p, b);
+  AttentionGradParams seq_params;  // as in fwd_kernel: the dense kernels read params in place
+  if constexpr (kVarlen) seq_params = params, select_sequence(seq_params, b);
+  const AttentionGradParams& p = kVarlen ? seq_params : params;
   const int64_t group = p.num_heads / p.num_heads_k;
   const int64_t n_block = blockIdx.x, n0 = n_block * kBlockN, n_last = n0 + kBlockN - 1;
   if (kVarlen && n0 >= p.seqlen_k) return;
@@ -93,7 +94,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
                                              static_cast<int>(p.headdim), vectorized);
     load_tile_async<TileQ, Traits::kThreads>(sdO_base + stage * TileQ::kElements, dout, p.do_row_stride, rows,
                                              static_cast<int>(p.headdim_v), vectorized);
-    const int64_t row_base = row_array_offset(p, b, h) + m0;
+    const int64_t row_base = row_array_offset<kVarlen>(p, b, h) + m0;
     for (int r = threadIdx.x; r < kBlockM; r += Traits::kThreads) {
       const float lse = r < rows ? p.lse[row_base + r] : -INFINITY;
       // An empty row (lse = -inf) must give P = 0: exp2(x - (+inf)) = 0.
@@ -248,7 +249,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
     }
     if (!skip) {
       // dQ_i += dS K_j, straight into the fp32 accumulator (scale applied when converting).
-      float* dq_accum = p.dq_accum + (row_array_offset(p, b, h) + m0) * kHeadDim;
+      float* dq_accum = p.dq_accum + (row_array_offset<kVarlen>(p, b, h) + m0) * kHeadDim;
       constexpr int kGroupsDq = Traits::kWarpsColsDq, kChunkPairs = Traits::kDqChunk / 16;
 #pragma unroll
       for (int chunk = 0; chunk < Traits::kDqCols / Traits::kDqChunk; ++chunk) {

@@ -67,8 +67,10 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
   if (kExtras && bh == 0 && blockIdx.x == 0 && threadIdx.x == 0) record_rng_state(params);
   int64_t b = bh / params.num_heads;
   const int64_t h = bh % params.num_heads;
-  AttentionParams p = params;
-  if constexpr (kVarlen) select_sequence(p, b);
+  // The dense kernels read the params where they lie (a by-value copy would cost registers).
+  AttentionParams seq_params;
+  if constexpr (kVarlen) seq_params = params, select_sequence(seq_params, b);
+  const AttentionParams& p = kVarlen ? seq_params : params;
   const int64_t h_k = h / (p.num_heads / p.num_heads_k);
   const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
   if (kVarlen && m0 >= p.seqlen_q) return;
@@ -268,7 +270,7 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
   }
 
   // Epilogue: O /= row_sum, lse (natural log); rows that saw no key: O = 0, lse = -inf.
-  float* lse = p.lse + row_array_offset(p, b, h) + m0;
+  float* lse = p.lse + row_array_offset<kVarlen>(p, b, h) + m0;
   softmax.finalize(acc_o, dropout ? dropout_keep_scale<float>(p.dropout_p) : 1.f, [&](int mt, int half, auto&& row_lse) {
     const int row = acc.row(warp_row0, mt, 2 * half);
     if (acc.t == 0 && row < rows) lse[row] = row_lse();

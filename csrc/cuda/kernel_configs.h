@@ -36,12 +36,13 @@ struct FwdConfig {
                                              FwdTraits<Element, kHeadDim, 128, kBlockN, kWarps, false, 2,
                                                        kHeadDim == 128 ? 2 : 1>>;
   using TraitsExtras = FwdTraits<Element, kHeadDim, 64, kHeadDim <= 128 ? 64 : (kHeadDim <= 192 ? 32 : 16), 4, true>;
-  // Varlen (fwd_kernel<..., true>) runs on Traits or on this: the extras tile with half the key
-  // block where the sequence's lengths and pointers (registers there, constants in the dense
-  // kernels) would spill it: d = 96 / 128 with 64 keys spilled 152 / 124 bytes on sm80, d = 192
-  // with 32 keys 176; with these 0. d = 256 cannot go below 16 keys (it spills, see README.md).
+  // Varlen (fwd_kernel<..., true>): the sequence's lengths and pointers live in registers there
+  // (constants in the dense kernels), so its extras tile halves the key block where 64 (d = 96,
+  // 128) or 32 (d = 192) keys spilled 124-176 bytes on sm80; d = 256 cannot go below 16 keys and
+  // spills (README.md). The plain tile is Traits but at d = 96, which spilled 4 bytes.
   using TraitsVarlenExtras =
       FwdTraits<Element, kHeadDim, 64, kHeadDim <= 64 ? 64 : (kHeadDim <= 128 ? 32 : 16), 4, true>;
+  using TraitsVarlen = std::conditional_t<kHeadDim == 96, TraitsVarlenExtras, Traits>;
 };
 
 // Backward: a CTA owns block_n keys (8 warps), loops over query blocks of block_m = 64.
@@ -58,6 +59,11 @@ struct BwdConfig {
   // The extras kernel: block_n 64 with 8 warps (d <= 128: S^T warps 4 x 2 of 16 x 32, dK/dV warps
   // 4 x 2 of 16 x d/2), half the dK/dV registers of the plain tile.
   using TraitsExtras = BwdTraits<Element, kHeadDim, 64, 64, 8, 4, 4, true>;
+  // Varlen (bwd_kernel<..., true>): d <= 128 runs every call on the extras tile (the plain one
+  // spilled 92 bytes at d = 128 with the per-sequence registers); d > 128 as the dense calls, the
+  // extras tile spilling 88 (d = 192) / 196 (d = 256) bytes.
+  using TraitsVarlen = std::conditional_t<kWide, Traits, TraitsExtras>;
+  using TraitsVarlenExtras = TraitsExtras;
 };
 
 }  // namespace flashattn::cuda

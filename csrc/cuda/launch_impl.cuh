@@ -25,14 +25,13 @@ cudaError_t launch_fwd_kernel(const AttentionParams& p, const LaunchOptions& opt
   return cudaGetLastError();
 }
 
-// Varlen (p.cu_seqlens_q set) has two kernels of its own: the single-stage plain tile and
-// TraitsVarlenExtras; the dense calls the other three of FwdConfig.
+// Varlen (p.cu_seqlens_q set) has kernels of its own (kernel_configs.h: TraitsVarlen*).
 template <typename Element, int kHeadDim>
 cudaError_t launch_fwd(const AttentionParams& p, const LaunchOptions& opt, cudaStream_t stream) {
   using Config = FwdConfig<Element, kHeadDim>;
   if (p.cu_seqlens_q != nullptr)
     return opt.extras ? launch_fwd_kernel<typename Config::TraitsVarlenExtras, true>(p, opt, stream)
-                      : launch_fwd_kernel<typename Config::Traits, true>(p, opt, stream);
+                      : launch_fwd_kernel<typename Config::TraitsVarlen, true>(p, opt, stream);
   if (opt.extras) return launch_fwd_kernel<typename Config::TraitsExtras>(p, opt, stream);
   if (opt.kv_stages == 2 && Config::TraitsPipelined::kStages == 2)
     return launch_fwd_kernel<typename Config::TraitsPipelined>(p, opt, stream);
@@ -57,10 +56,12 @@ cudaError_t launch_bwd_kernel(const AttentionGradParams& p, const LaunchOptions&
 template <typename Element, int kHeadDim>
 cudaError_t launch_bwd(const AttentionGradParams& p, const LaunchOptions& opt, cudaStream_t stream) {
   using Config = BwdConfig<Element, kHeadDim>;
-  // Varlen runs on a kernel of its own, the extras tile (with the plain one ptxas spilled at d=128).
-  const cudaError_t err = p.cu_seqlens_q != nullptr ? launch_bwd_kernel<typename Config::TraitsExtras, true>(p, opt, stream)
-                          : opt.extras              ? launch_bwd_kernel<typename Config::TraitsExtras>(p, opt, stream)
-                                                    : launch_bwd_kernel<typename Config::Traits>(p, opt, stream);
+  const bool varlen = p.cu_seqlens_q != nullptr;  // kernels of its own, as in launch_fwd
+  const cudaError_t err =
+      varlen ? (opt.extras ? launch_bwd_kernel<typename Config::TraitsVarlenExtras, true>(p, opt, stream)
+                           : launch_bwd_kernel<typename Config::TraitsVarlen, true>(p, opt, stream))
+             : (opt.extras ? launch_bwd_kernel<typename Config::TraitsExtras>(p, opt, stream)
+                           : launch_bwd_kernel<typename Config::Traits>(p, opt, stream));
   if (err != cudaSuccess) return err;
   const AttentionGradParams rows_p = packed_rows(p);
   const int64_t rows = row_array_rows(rows_p);

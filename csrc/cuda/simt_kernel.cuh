@@ -71,8 +71,9 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_fwd_kernel(const Attenti
   if (bh >= params.batch * params.num_heads) return;
   if (bh == 0 && blockIdx.x == 0 && threadIdx.x == 0) record_rng_state(params);
   int64_t b = bh / params.num_heads;
-  AttentionParams p = params;
-  if constexpr (kVarlen) select_sequence(p, b);  // sequence b's rows
+  AttentionParams seq_params;  // as in fwd_kernel
+  if constexpr (kVarlen) seq_params = params, select_sequence(seq_params, b);  // sequence b's rows
+  const AttentionParams& p = kVarlen ? seq_params : params;
   if (i >= p.seqlen_q) return;
   const int64_t h = bh % p.num_heads, h_k = h / (p.num_heads / p.num_heads_k);
   const ScoreMods mods(p, b, h);
@@ -126,7 +127,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_fwd_kernel(const Attenti
     if (d < p.headdim_v) store_from_acc(out + d, o[c] * inv);
   }
   if (lane == 0)
-    p.lse[row_array_offset(p, b, h) + i] = row_sum > Acc(0) ? static_cast<float>(row_max + log(row_sum)) : -INFINITY;
+    p.lse[row_array_offset<kVarlen>(p, b, h) + i] = row_sum > Acc(0) ? static_cast<float>(row_max + log(row_sum)) : -INFINITY;
 }
 
 // Shared by both backward kernels: P, dP and dS of one visible (i, j) pair.
@@ -159,8 +160,9 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dq_kernel(const Atte
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp;
   if (bh >= params.batch * params.num_heads) return;
   int64_t b = bh / params.num_heads;
-  AttentionGradParams p = params;
-  if constexpr (kVarlen) select_sequence(p, b);  // sequence b's rows
+  AttentionGradParams seq_params;  // as in fwd_kernel
+  if constexpr (kVarlen) seq_params = params, select_sequence(seq_params, b);  // sequence b's rows
+  const AttentionGradParams& p = kVarlen ? seq_params : params;
   if (i >= p.seqlen_q) return;
   const int64_t h = bh % p.num_heads, h_k = h / (p.num_heads / p.num_heads_k);
   const ScoreMods mods(p, b, h);
@@ -175,8 +177,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dq_kernel(const Atte
   Acc dq[kSimtChunks];
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) dq[c] = 0;
-  const float lse = p.lse[row_array_offset(p, b, h) + i];
-  const Acc delta = p.delta[row_array_offset(p, b, h) + i];
+  const float lse = p.lse[row_array_offset<kVarlen>(p, b, h) + i];
+  const Acc delta = p.delta[row_array_offset<kVarlen>(p, b, h) + i];
   const int64_t key_begin = band_key_begin(p, i), key_end = lse == -INFINITY ? key_begin : band_key_end(p, i);
   for (int64_t j0 = key_begin; j0 < key_end; j0 += 32) {
     const int64_t j = j0 + lane;
@@ -219,8 +221,9 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dkdv_kernel(const At
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp;
   if (bh_k >= params.batch * params.num_heads_k) return;
   int64_t b = bh_k / params.num_heads_k;
-  AttentionGradParams p = params;
-  if constexpr (kVarlen) select_sequence(p, b);  // sequence b's rows
+  AttentionGradParams seq_params;  // as in fwd_kernel
+  if constexpr (kVarlen) seq_params = params, select_sequence(seq_params, b);  // sequence b's rows
+  const AttentionGradParams& p = kVarlen ? seq_params : params;
   if (j >= p.seqlen_k) return;
   const int64_t h_k = bh_k % p.num_heads_k, group = p.num_heads / p.num_heads_k;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride + j * p.k_row_stride;
@@ -248,7 +251,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dkdv_kernel(const At
   for (int c = 0; c < kSimtChunks; ++c) dk[c] = 0, dv[c] = 0;
   for (int64_t h = h_k * group; h < (h_k + 1) * group; ++h) {
     const ScoreMods mods(p, b, h);
-    const int64_t rows = row_array_offset(p, b, h);
+    const int64_t rows = row_array_offset<kVarlen>(p, b, h);
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
     for (int64_t i0 = row_begin; i0 < row_end; i0 += 32) {

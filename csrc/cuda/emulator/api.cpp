@@ -81,7 +81,10 @@ struct Extents {
 };
 Extents extents(const AttentionParams& p) {
   if (p.cu_seqlens_q == nullptr) return {p.batch, p.seqlen_q, p.seqlen_k};
-  return {1, p.total_q, p.cu_seqlens_k[p.batch]};
+  if (p.seqused_k == nullptr) return {1, p.total_q, p.cu_seqlens_k[p.batch]};
+  int64_t rows_k = 0;  // start rows + used lengths: up to the last row any sequence reads
+  for (int64_t b = 0; b < p.batch; ++b) rows_k = std::max<int64_t>(rows_k, p.cu_seqlens_k[b] + p.seqused_k[b]);
+  return {1, p.total_q, rows_k};
 }
 
 void guard_forward_inputs(AttentionParams& p, emu::GuardedBuffers& g) {
@@ -91,6 +94,7 @@ void guard_forward_inputs(AttentionParams& p, emu::GuardedBuffers& g) {
     const size_t bytes = static_cast<size_t>(p.batch + 1) * sizeof(int32_t);
     p.cu_seqlens_q = g.guard("cu_seqlens_q", p.cu_seqlens_q, bytes, false);
     p.cu_seqlens_k = g.guard("cu_seqlens_k", p.cu_seqlens_k, bytes, false);
+    if (p.seqused_k != nullptr) p.seqused_k = g.guard("seqused_k", p.seqused_k, bytes - sizeof(int32_t), false);
   }
   p.q = g.guard("q", p.q, span4(x.batch, p.num_heads, x.rows_q, p.headdim, p.q_batch_stride, p.q_head_stride,
                                  p.q_row_stride, e), false);

@@ -34,9 +34,11 @@ int main() {
     fwd<typename F::Traits>("plain");
     fwd<typename F::TraitsPipelined>("pipelined");
     fwd<typename F::TraitsExtras>("extras");
+    fwd<typename F::TraitsVarlen>("varlen");
     fwd<typename F::TraitsVarlenExtras>("varlen-extras");
     bwd<typename B::Traits>("plain");
     bwd<typename B::TraitsExtras>("extras");
+    bwd<typename B::TraitsVarlen>("varlen");
   });
   return 0;
 }
