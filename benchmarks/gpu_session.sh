@@ -17,7 +17,7 @@
 #                       units of this set take 81 s of nvcc time in all
 #                       (serial, sm_90 only), the longest 13 s (fwd d=128); the torch-side C++ ~130 s serial.
 #                       With 16 jobs expect ~1.5 min.                                   ~2 min
-#     test_restricted   the GPU cases of test_cuda.py and test_cuda_graphs.py (-m cuda); other
+#     test_restricted   the GPU cases of test_cuda{,_graphs,_sm90,_varlen,_kvcache}.py (-m cuda); other
 #                       head dims run in the next compiled bucket or on the SIMT path   ~2 min
 #     sanitize_small    compute-sanitizer memcheck on 3 small configurations            ~1 min
 #     quick             bench_attention.py --quick: D=128; S 1k, 4k, 16k; fwd and fwd+bwd;
@@ -143,13 +143,13 @@ for stage in "${STAGES[@]}"; do
   case $stage in
     first)
       { FLASHATTN_CUDA_HEADDIMS=64,128 FLASHATTN_CUDA_DTYPES=bf16,fp16 TORCH_CUDA_ARCH_LIST=9.0a stage_build &&
-          stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py tests/test_cuda_sm90.py; stage_sanitize small;
+          stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py tests/test_cuda_sm90.py tests/test_cuda_varlen.py tests/test_cuda_kvcache.py; stage_sanitize small;
         stage_bench --quick; } || status=1 ;;
     second) { stage_build && stage_test; stage_sanitize; stage_script bench_masked; stage_script bench_sparse;
               stage_bench --headdims 128; } || status=1 ;;
     build_restricted) FLASHATTN_CUDA_HEADDIMS=64,128 FLASHATTN_CUDA_DTYPES=bf16,fp16 TORCH_CUDA_ARCH_LIST=9.0a \
                         stage_build || status=1 ;;
-    test_restricted) stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py tests/test_cuda_sm90.py || status=1 ;;
+    test_restricted) stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py tests/test_cuda_sm90.py tests/test_cuda_varlen.py tests/test_cuda_kvcache.py || status=1 ;;
     hopper)  # the Hopper forward alone: d=128 bf16 build, its tests, fwd and fwd+bwd vs FLASH and CUDNN
       { FLASHATTN_CUDA_HEADDIMS=128 FLASHATTN_CUDA_DTYPES=bf16 TORCH_CUDA_ARCH_LIST=9.0a stage_build &&
           stage_test -m cuda tests/test_cuda_sm90.py &&
