@@ -200,6 +200,20 @@ FLASHATTN_HOST_DEVICE void select_sequence(AttentionGradParams& p, int64_t& b) {
   select_sequence(static_cast<AttentionParams&>(p), b);
 }
 
+// The params a kernel's block works on: for a varlen kernel (kVarlen) its sequence's, a copy in
+// `storage` narrowed by select_sequence; for a dense one `params` itself, read where it lies (a
+// by-value copy would put every field in registers).
+template <bool kVarlen, class Params>
+FLASHATTN_HOST_DEVICE const Params& block_params(const Params& params, Params& storage, int64_t& b) {
+  if constexpr (kVarlen) {
+    storage = params;
+    select_sequence(storage, b);
+    return storage;
+  } else {
+    return params;
+  }
+}
+
 // First and one-past-last visible key of query row i under the band (ignoring masks).
 FLASHATTN_HOST_DEVICE int64_t band_diag(const AttentionParams& p) {
   return p.bottom_right ? p.seqlen_k - p.seqlen_q : 0;

@@ -54,9 +54,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
   if (bh_k >= params.batch * params.num_heads_k) return;
   const int64_t seq = bh_k / params.num_heads_k, h_k = bh_k % params.num_heads_k;
   int64_t b = seq;
-  AttentionGradParams seq_params;  // as in fwd_kernel: the dense kernels read params in place
-  if constexpr (kVarlen) seq_params = params, select_sequence(seq_params, b);
-  const AttentionGradParams& p = kVarlen ? seq_params : params;
+  AttentionGradParams seq_storage;
+  const AttentionGradParams& p = block_params<kVarlen>(params, seq_storage, b);
   const int64_t group = p.num_heads / p.num_heads_k;
   const int64_t n_block = blockIdx.x, n0 = n_block * kBlockN, n_last = n0 + kBlockN - 1;
   if (kVarlen && n0 >= p.seqlen_k) return;

@@ -67,10 +67,8 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
   if (kExtras && bh == 0 && blockIdx.x == 0 && threadIdx.x == 0) record_rng_state(params);
   int64_t b = bh / params.num_heads;
   const int64_t h = bh % params.num_heads;
-  // The dense kernels read the params where they lie (a by-value copy would cost registers).
-  AttentionParams seq_params;
-  if constexpr (kVarlen) seq_params = params, select_sequence(seq_params, b);
-  const AttentionParams& p = kVarlen ? seq_params : params;
+  AttentionParams seq_storage;
+  const AttentionParams& p = block_params<kVarlen>(params, seq_storage, b);
   const int64_t h_k = h / (p.num_heads / p.num_heads_k);
   const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
   if (kVarlen && m0 >= p.seqlen_q) return;

@@ -71,9 +71,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_fwd_kernel(const Attenti
   if (bh >= params.batch * params.num_heads) return;
   if (bh == 0 && blockIdx.x == 0 && threadIdx.x == 0) record_rng_state(params);
   int64_t b = bh / params.num_heads;
-  AttentionParams seq_params;  // as in fwd_kernel
-  if constexpr (kVarlen) seq_params = params, select_sequence(seq_params, b);  // sequence b's rows
-  const AttentionParams& p = kVarlen ? seq_params : params;
+  AttentionParams seq_storage;
+  const AttentionParams& p = block_params<kVarlen>(params, seq_storage, b);
   if (i >= p.seqlen_q) return;
   const int64_t h = bh % p.num_heads, h_k = h / (p.num_heads / p.num_heads_k);
   const ScoreMods mods(p, b, h);
@@ -160,9 +159,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dq_kernel(const Atte
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp;
   if (bh >= params.batch * params.num_heads) return;
   int64_t b = bh / params.num_heads;
-  AttentionGradParams seq_params;  // as in fwd_kernel
-  if constexpr (kVarlen) seq_params = params, select_sequence(seq_params, b);  // sequence b's rows
-  const AttentionGradParams& p = kVarlen ? seq_params : params;
+  AttentionGradParams seq_storage;
+  const AttentionGradParams& p = block_params<kVarlen>(params, seq_storage, b);
   if (i >= p.seqlen_q) return;
   const int64_t h = bh % p.num_heads, h_k = h / (p.num_heads / p.num_heads_k);
   const ScoreMods mods(p, b, h);
@@ -221,9 +219,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dkdv_kernel(const At
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp;
   if (bh_k >= params.batch * params.num_heads_k) return;
   int64_t b = bh_k / params.num_heads_k;
-  AttentionGradParams seq_params;  // as in fwd_kernel
-  if constexpr (kVarlen) seq_params = params, select_sequence(seq_params, b);  // sequence b's rows
-  const AttentionGradParams& p = kVarlen ? seq_params : params;
+  AttentionGradParams seq_storage;
+  const AttentionGradParams& p = block_params<kVarlen>(params, seq_storage, b);
   if (j >= p.seqlen_k) return;
   const int64_t h_k = bh_k % p.num_heads_k, group = p.num_heads / p.num_heads_k;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride + j * p.k_row_stride;
