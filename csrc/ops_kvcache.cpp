@@ -77,11 +77,12 @@ void cuda_kvcache_attention(const at::Tensor& q, at::Tensor k_cache, at::Tensor 
     v_cache = v_cache.index_select(0, pages).view({B, rows_per_seq, Hk, v_cache.size(3)});
   } else {
     const auto ratio = [](const at::Tensor& c) {
-      return c.size(0) > 1 && c.stride(0) % c.stride(1) != 0 ? -1 : c.stride(0) / c.stride(1);
+      return c.stride(1) <= 0 || c.stride(0) % c.stride(1) != 0 ? -1 : c.stride(0) / c.stride(1);
     };
-    if (k_cache.size(0) > 1 && (ratio(k_cache) < 0 || ratio(k_cache) != ratio(v_cache)))
+    // Rows of (rows, heads_k, dim) must step through both caches alike.
+    if (ratio(k_cache) < 0 || ratio(k_cache) != ratio(v_cache) || k_cache.stride(1) <= 0 || v_cache.stride(1) <= 0)
       k_cache = k_cache.contiguous(), v_cache = v_cache.contiguous();
-    rows_per_seq = k_cache.size(0) > 1 ? ratio(k_cache) : k_cache.size(1);
+    rows_per_seq = ratio(k_cache);
   }
   const auto rows = [&](const at::Tensor& c) {  // (rows, heads_k, dim) over the whole cache
     return c.as_strided({(c.size(0) - 1) * rows_per_seq + c.size(1), c.size(2), c.size(3)},
