@@ -102,6 +102,9 @@ void cuda_backward(AttentionGradParams& p, const at::Tensor& q, const at::Tensor
 at::Tensor cuda_dropout_mask(AttentionParams& p, const at::Tensor& rng_state);
 // (seed, offset) for a dropout call, drawn from torch's CUDA generator (graph-capture aware).
 void cuda_draw_philox(AttentionParams& p, const at::Tensor& rng_state);
+// Whether the current stream of t's device is capturing a CUDA graph (host reads of device
+// tensors are illegal then).
+bool cuda_stream_capturing(const at::Tensor& t);
 const char* cuda_build_archs();
 const char* cuda_build_headdims();
 const char* cuda_build_dtypes();

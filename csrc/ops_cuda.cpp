@@ -75,6 +75,13 @@ void cuda_draw_philox(AttentionParams& p, const at::Tensor& rng_state) {
   p.rng_state = rng_state.data_ptr<int64_t>();  // the forward kernel records what it used
 }
 
+bool cuda_stream_capturing(const at::Tensor& t) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(t.get_device()).stream(), &status),
+             "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
 void cuda_forward(AttentionParams& p, const at::Tensor& q, at::Tensor& rng_state) {
   c10::cuda::CUDAGuard guard(q.device());
   const Device d = current(q);

@@ -29,11 +29,25 @@
 namespace flashattn {
 namespace {
 
-// Sequence lengths read once from cu_seqlens (checked).
+// Sequence lengths read once from cu_seqlens (checked), or, while a CUDA graph is being captured
+// (no host reads then), trusted as flash-attn does: only their count known, max_seqlen_* the
+// longest lengths.
 struct SeqOffsets {
-  std::vector<int64_t> q, k;  // batch + 1 cumulative offsets each
-  int64_t batch() const { return static_cast<int64_t>(q.size()) - 1; }
+  std::vector<int64_t> q, k;  // batch + 1 cumulative offsets each (empty when trusted)
+  int64_t sequences = 0;
+  int64_t longest_q = 0, longest_k = 0;
+  bool trusted = false;
+  int64_t batch() const { return sequences; }
 };
+
+bool capturing_cuda_graph(const at::Tensor& q) {
+#ifdef FLASHATTN_WITH_CUDA
+  return q.is_cuda() && cuda_stream_capturing(q);
+#else
+  (void)q;
+  return false;
+#endif
+}
 
 std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen,
                                      const char* max_name, const char* total_name) {
@@ -73,10 +87,27 @@ void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_attention_inputs(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), dense);
   TORCH_CHECK_VALUE(cu_q.defined() && cu_k.defined() && cu_q.device() == q.device() && cu_k.device() == q.device(),
                     "flashattn_ext: cu_seqlens_q and cu_seqlens_k must be on q's device (", q.device(), ")");
-  seqs.q = read_cu_seqlens(cu_q, "cu_seqlens_q", q.size(0), max_q, "max_seqlen_q", "q");
-  seqs.k = read_cu_seqlens(cu_k, "cu_seqlens_k", k.size(0), max_k, "max_seqlen_k", "k and v");
-  TORCH_CHECK_VALUE(seqs.q.size() == seqs.k.size(), "flashattn_ext: cu_seqlens_q and cu_seqlens_k must have the same "
-                    "length (batch + 1), got ", seqs.q.size(), " and ", seqs.k.size());
+  if (capturing_cuda_graph(q)) {  // what can be checked without reading them
+    for (const auto& [cu, name] : {std::pair{cu_q, "cu_seqlens_q"}, std::pair{cu_k, "cu_seqlens_k"}}) {
+      TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "flashattn_ext: ", name, " must be int32, got ", cu.scalar_type());
+      TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "flashattn_ext: ", name,
+                        " must be a 1-D tensor of batch + 1 cumulative lengths, got shape ", cu.sizes());
+    }
+    TORCH_CHECK_VALUE(cu_q.numel() == cu_k.numel(), "flashattn_ext: cu_seqlens_q and cu_seqlens_k must have the same "
+                      "length (batch + 1), got ", cu_q.numel(), " and ", cu_k.numel());
+    seqs.trusted = true;
+    seqs.sequences = cu_q.numel() - 1, seqs.longest_q = max_q, seqs.longest_k = max_k;
+  } else {
+    seqs.q = read_cu_seqlens(cu_q, "cu_seqlens_q", q.size(0), max_q, "max_seqlen_q", "q");
+    seqs.k = read_cu_seqlens(cu_k, "cu_seqlens_k", k.size(0), max_k, "max_seqlen_k", "k and v");
+    TORCH_CHECK_VALUE(seqs.q.size() == seqs.k.size(), "flashattn_ext: cu_seqlens_q and cu_seqlens_k must have the "
+                      "same length (batch + 1), got ", seqs.q.size(), " and ", seqs.k.size());
+    seqs.sequences = static_cast<int64_t>(seqs.q.size()) - 1;
+    for (int64_t b = 0; b < seqs.sequences; ++b) {
+      seqs.longest_q = std::max(seqs.longest_q, seqs.q[b + 1] - seqs.q[b]);
+      seqs.longest_k = std::max(seqs.longest_k, seqs.k[b + 1] - seqs.k[b]);
+    }
+  }
   if (o.alibi_slopes && o.alibi_slopes->defined()) {
     const at::Tensor& a = *o.alibi_slopes;
     TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "flashattn_ext: alibi_slopes must be float32, got ", a.scalar_type());
@@ -188,11 +219,7 @@ void set_lse_pointer(AttentionParams& p, const at::Tensor& lse) {
 
 PackedSequences packed_sequences(const at::Tensor& cu_q, const at::Tensor& cu_k, const SeqOffsets& seqs) {
   PackedSequences s;
-  s.cu_q = cu_q, s.cu_k = cu_k;
-  for (int64_t b = 0; b < seqs.batch(); ++b) {
-    s.longest_q = std::max(s.longest_q, seqs.q[b + 1] - seqs.q[b]);
-    s.longest_k = std::max(s.longest_k, seqs.k[b + 1] - seqs.k[b]);
-  }
+  s.cu_q = cu_q, s.cu_k = cu_k, s.longest_q = seqs.longest_q, s.longest_k = seqs.longest_k;
   return s;
 }
 
