@@ -24,6 +24,13 @@ namespace flashattn {
 
 bool runs_cuda_kernels(const at::Tensor& q) { return q.is_cuda() || emulating_cuda(); }
 
+void set_lse(AttentionParams& p, const at::Tensor& lse) {
+  if (lse.scalar_type() == at::kDouble)
+    p.lse64 = lse.data_ptr<double>();
+  else
+    p.lse = lse.data_ptr<float>();
+}
+
 namespace {
 
 std::atomic<bool> g_poison{false};
@@ -359,12 +366,6 @@ at::Tensor allocate_grad(const at::Tensor& x) {
 }
 
 
-void set_lse(AttentionParams& p, const at::Tensor& lse) {
-  if (lse.scalar_type() == at::kDouble)
-    p.lse64 = lse.data_ptr<double>();
-  else
-    p.lse = lse.data_ptr<float>();
-}
 
 void draw_cpu_philox(AttentionParams& p, at::Tensor& rng_state) {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(std::nullopt, at::detail::getDefaultCPUGenerator());

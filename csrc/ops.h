@@ -43,6 +43,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bwd_op(
 // launch path (csrc/cuda/launch.h); other CPU tensors the CPU kernels.
 bool runs_cuda_kernels(const at::Tensor& q);
 
+// The params' lse pointer: lse64 for a float64 lse, else lse.
+void set_lse(AttentionParams& p, const at::Tensor& lse);
+
 // The CUDA kernels' forward (a GPU, or the emulator) on packed (rows, heads, dim) q/k/v/out in one
 // launch (ops_varlen.cpp): sequence b has query rows [cu_q[b], cu_q[b + 1]) and key rows
 // [cu_k[b], cu_k[b + 1]), or [cu_k[b], cu_k[b] + used_k[b]) when used_k is given (cu_k then holds

@@ -80,7 +80,7 @@ void cuda_kvcache_attention(const at::Tensor& q, at::Tensor k_cache, at::Tensor 
       return c.stride(1) <= 0 || c.stride(0) % c.stride(1) != 0 ? -1 : c.stride(0) / c.stride(1);
     };
     // Rows of (rows, heads_k, dim) must step through both caches alike.
-    if (ratio(k_cache) < 0 || ratio(k_cache) != ratio(v_cache) || k_cache.stride(1) <= 0 || v_cache.stride(1) <= 0)
+    if (ratio(k_cache) < 0 || ratio(k_cache) != ratio(v_cache))
       k_cache = k_cache.contiguous(), v_cache = v_cache.contiguous();
     rows_per_seq = ratio(k_cache);
   }
@@ -89,6 +89,8 @@ void cuda_kvcache_attention(const at::Tensor& q, at::Tensor k_cache, at::Tensor 
                         {c.stride(1), c.stride(2), c.stride(3)}, c.storage_offset());
   };
   at::Tensor cu_q = at::arange(B + 1, at::kInt) * static_cast<int32_t>(Sq);
+  TORCH_CHECK_VALUE((k_cache.size(0) - 1) * rows_per_seq + k_cache.size(1) <= std::numeric_limits<int32_t>::max(),
+                    "flashattn_ext: the CUDA kvcache path addresses cache rows with int32; this cache has more rows");
   at::Tensor cu_k = at::zeros({B + 1}, at::kInt);  // start rows (the last entry is not read)
   const int32_t* used = seqlens_k.data_ptr<int32_t>();
   int64_t longest_k = 0;
@@ -276,10 +278,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_op(
   a.softcap = softcap;
   a.window_left = o.window_left, a.window_right = o.window_right, a.bottom_right = true;
   if (alibi.defined()) a.alibi_slopes = alibi.data_ptr<float>(), a.alibi_batch_stride = alibi.dim() == 2 ? alibi.stride(0) : 0;
-  if (acc == at::kDouble)
-    a.lse64 = lse.data_ptr<double>();
-  else
-    a.lse = lse.data_ptr<float>();
+  set_lse(a, lse);
   p.seqlens_k = seqlens_k.data_ptr<int32_t>();
   if (batch_idx.defined()) p.cache_batch_idx = batch_idx.data_ptr<int64_t>();
   at::Tensor leftpad32 = leftpad.defined() ? leftpad.to(at::kInt) : at::Tensor();

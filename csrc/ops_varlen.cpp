@@ -36,7 +36,6 @@ struct SeqOffsets {
   std::vector<int64_t> q, k;  // batch + 1 cumulative offsets each (empty when trusted)
   int64_t sequences = 0;
   int64_t longest_q = 0, longest_k = 0;
-  bool trusted = false;
   int64_t batch() const { return sequences; }
 };
 
@@ -95,7 +94,6 @@ void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     }
     TORCH_CHECK_VALUE(cu_q.numel() == cu_k.numel(), "flashattn_ext: cu_seqlens_q and cu_seqlens_k must have the same "
                       "length (batch + 1), got ", cu_q.numel(), " and ", cu_k.numel());
-    seqs.trusted = true;
     seqs.sequences = cu_q.numel() - 1, seqs.longest_q = max_q, seqs.longest_k = max_k;
   } else {
     seqs.q = read_cu_seqlens(cu_q, "cu_seqlens_q", q.size(0), max_q, "max_seqlen_q", "q");
@@ -210,13 +208,6 @@ void set_cuda_packed(AttentionParams& p, const at::Tensor& q, const at::Tensor& 
   }
 }
 
-void set_lse_pointer(AttentionParams& p, const at::Tensor& lse) {
-  if (lse.scalar_type() == at::kDouble)
-    p.lse64 = lse.data_ptr<double>();
-  else
-    p.lse = lse.data_ptr<float>();
-}
-
 PackedSequences packed_sequences(const at::Tensor& cu_q, const at::Tensor& cu_k, const SeqOffsets& seqs) {
   PackedSequences s;
   s.cu_q = cu_q, s.cu_k = cu_k, s.longest_q = seqs.longest_q, s.longest_k = seqs.longest_k;
@@ -241,7 +232,7 @@ void cuda_varlen_bwd(const at::Tensor& go, const at::Tensor& q_in, const at::Ten
   set_packed_strides(dk, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
   set_packed_strides(dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
   const at::Tensor lse_c = lse.contiguous();
-  set_lse_pointer(p, lse_c);
+  set_lse(p, lse_c);
   if (p.total_q == 0 || p.num_heads == 0 || k.size(0) == 0) {  // nothing attends: the gradients are 0
     dq.zero_(), dk.zero_(), dv.zero_();
     return;
@@ -260,7 +251,7 @@ void cuda_packed_forward(const at::Tensor& q_in, const at::Tensor& k_in, const a
   set_cuda_packed(p, q, k, v, s, alibi_of(o), keep);
   p.out = out.data_ptr();
   set_packed_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
-  set_lse_pointer(p, lse);
+  set_lse(p, lse);
   if (p.total_q == 0 || p.num_heads == 0 || p.batch == 0) return;
   cuda_kernels_forward(p, q, lse, rng_state);
 }
@@ -310,10 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, c
     set_strides(o4, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
     p.seqlen_q = lq, p.seqlen_k = lk;
     at::Tensor block = lse_blocks.narrow(0, heads * sq, heads * lq);
-    if (block.scalar_type() == at::kDouble)
-      p.lse64 = block.data_ptr<double>();
-    else
-      p.lse = block.data_ptr<float>();
+    set_lse(p, block);
     cpu::forward(p);
     lse.narrow(1, sq, lq).copy_(block.view({heads, lq}));
   });
@@ -379,10 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(const at::Tensor& grad
     set_strides(dv4, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
     p.seqlen_q = lq, p.seqlen_k = lk;
     const at::Tensor lse_seq = lse.narrow(1, sq, lq).contiguous();
-    if (lse_seq.scalar_type() == at::kDouble)
-      p.lse64 = lse_seq.data_ptr<double>();
-    else
-      p.lse = const_cast<float*>(lse_seq.data_ptr<float>());
+    set_lse(p, lse_seq);
     run_cpu_backward(p, q.options());
   });
   return {dq, dk, dv};
