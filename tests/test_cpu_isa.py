@@ -41,6 +41,16 @@ for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         assert_close(out, ref, dtype, "out")
         for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
             assert_close(g, r, dtype, name)
+# The decode kernel's row tiles (bf16 with AVX512-BF16 in the AVX512 copy, widened elsewhere).
+from reference import reference_kvcache
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for (Hq, Hk, D) in ((8, 2, 128), (6, 1, 72)):
+        q = torch.randn(2, 1, Hq, D).to(dtype)
+        k_cache, v_cache = torch.randn(2, 300, Hk, D).to(dtype), torch.randn(2, 300, Hk, D).to(dtype)
+        lens = torch.tensor([300, 157], dtype=torch.int32)
+        _, _, ref, _ = reference_kvcache(q, k_cache, v_cache, None, None, lens)
+        out = flashattn_ext.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
+        assert_close(out, ref, dtype, "kvcache out")
 print("ok")
 """
 

@@ -47,6 +47,26 @@ def test_kvcache_matches_reference(dtype, heads, Sq, Sn, options):
     assert (lse[finite].double() - ref_lse[finite]).abs().max() < 50 * TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [128, 88])
+@pytest.mark.parametrize("group,Sq", [(1, 1), (2, 1), (3, 1), (5, 1), (6, 1), (7, 1), (4, 2), (16, 2), (32, 1)])
+def test_direct_decode_row_tiles(dtype, D, group, Sq):
+    """The direct decode kernel (group * Sq <= 32 rows per kv head): every row-tile size, head dims
+    with and without vector tails (88: partial fp32 vectors, and bf16 widened instead of the
+    AVX512-BF16 loops), odd key counts per block, split-KV."""
+    Hk = 2
+    q, k_cache, v_cache, _, _, cache_seqlens = make_case(dtype, B=3, S=333, Hq=group * Hk, Hk=Hk, D=D, Sq=Sq, Sn=0)
+    cache_seqlens[1] = 1
+    _, _, ref, ref_lse = reference_kvcache(q, k_cache, v_cache, None, None, cache_seqlens, causal=True)
+    finite = torch.isfinite(ref_lse)
+    for splits in (1, 3):
+        out, lse = flashattn_ext.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                                         causal=True, num_splits=splits, return_softmax_lse=True)
+        assert_close(out, ref, dtype, f"out, {splits} splits")
+        assert torch.equal(finite, torch.isfinite(lse))
+        assert (lse[finite].double() - ref_lse[finite]).abs().max() < 50 * TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("causal", [True, False])

@@ -127,6 +127,15 @@ bool have_brgemm_bf16_vnni() {
   return ok;
 }
 
+bool have_avx512_bf16() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
               int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;

@@ -16,6 +16,8 @@ namespace flashattn::cpu {
 // Probed once: does brgemm run here and give right answers?
 bool have_brgemm_f32();
 bool have_brgemm_bf16_vnni();
+// Does this CPU have AVX512-BF16 (vdpbf16ps)? For the decode kernel's bf16 path.
+bool have_avx512_bf16();
 
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
               int64_t ldc, bool accumulate);

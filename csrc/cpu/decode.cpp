@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/decode_microkernels.h"
 #include "cpu/kernels.h"
 #include "kvcache_params.h"
 #include "cpu/matmul_policy.h"
@@ -54,44 +55,13 @@ struct DecodeWorkspace {
   }
 };
 
-// Few query rows per kv head (up to kDirectRows: one-token decode with GQA groups up to 8, or
-// multi-head): GEMMs would spend more time packing K and V into operand layouts than multiplying,
-// and one kv head's rows are small strided pieces of the cache. So a task takes one (batch, split)
-// with all its heads and walks the cache key by key, each key row (all kv heads, contiguous) read
-// once, widened to fp32 in L1 and dotted with / accumulated into every query row of its group.
-constexpr int64_t kDirectRows = 8;
-
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  using Vec = Vectorized<float>;
-  constexpr int64_t W = Vec::size();
-  Vec acc0(0.f), acc1(0.f);
-  int64_t x = 0;
-  for (; x + 2 * W <= n; x += 2 * W) {
-    acc0 = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc0);
-    acc1 = at::vec::fmadd(Vec::loadu(a + x + W), Vec::loadu(b + x + W), acc1);
-  }
-  for (; x + W <= n; x += W) acc0 = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc0);
-  float sum = at::vec::vec_reduce_all<float>([](Vec u, Vec w) { return u + w; }, acc0 + acc1);
-  for (; x < n; ++x) sum += a[x] * b[x];
-  return sum;
-}
-
-inline void axpy_f32(float alpha, const float* x, float* y, int64_t n) {
-  using Vec = Vectorized<float>;
-  constexpr int64_t W = Vec::size();
-  const Vec va(alpha);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] += alpha * x[i];
-}
-
-// The direct kernel is bound by how many cache lines one core keeps in flight: it asks for the
-// K rows a few keys ahead, and for the V rows of a tile while it computes that tile's scores.
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
-}
-constexpr int64_t kPrefetchKeys = 2;
+// Few query rows per kv head (up to kDirectRows: one-token decode with GQA groups or MQA, or a few
+// tokens): GEMMs would spend more time packing K and V into operand layouts than multiplying, and
+// one kv head's rows are small strided pieces of the cache. So a task takes one (batch, split)
+// with all its heads and walks the cache a block of keys at a time (all kv heads of a key are
+// adjacent, so a block is one stretch of memory); each kv head's keys and values are read where
+// they lie by the register-blocked loops of cpu/decode_microkernels.h, once per group.
+constexpr int64_t kDirectRows = 32;
 
 template <typename scalar_t>
 void decode_direct(const KvCacheParams& kp) {
@@ -101,10 +71,18 @@ void decode_direct(const KvCacheParams& kp) {
   int64_t block_n = std::clamp<int64_t>(32768 / std::max<int64_t>(1, Hk * std::max(D, Dv)), 8, 64);
   if (kp.block_table) block_n = std::min(block_n, kp.page_block_size);
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  // bf16 with AVX512-BF16: the bf16 rows as they are. Otherwise fp32 (fp16 and bf16 widened).
+  const bool dp = std::is_same_v<scalar_t, c10::BFloat16> && have_bf16_dp() && D % 32 == 0 && Dv % 32 == 0;
+  const int64_t ldpb = block_n + block_n % 2;
+  const auto* k_base = static_cast<const scalar_t*>(a.k);
+  const auto* v_base = static_cast<const scalar_t*>(a.v);
 
   run_workers(a.batch * num_splits, [&](auto next) {
-    std::vector<float> q_f(all_rows * D), s(all_rows * block_n), o(all_rows * Dv), row_max(all_rows),
-        row_sum(all_rows), k_f(D), v_f(Dv);
+    std::vector<float> q_f(dp ? 0 : all_rows * D), s(all_rows * block_n), o(all_rows * Dv), row_max(all_rows),
+        row_sum(all_rows), o_out(Dv);
+    std::vector<uint16_t> q_b(dp ? all_rows * D : 0), pb(dp ? all_rows * ldpb : 0);
+    std::vector<float> k_f(kF32 || dp ? 0 : block_n * D), v_f(kF32 || dp ? 0 : block_n * Dv);
     std::vector<HeadContext> heads(a.num_heads);
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t split = task / a.batch, b = task % a.batch;
@@ -114,11 +92,15 @@ void decode_direct(const KvCacheParams& kp) {
       // Row rr = hk · R + g · seqlen_q + i holds query head hk · group + g at token i.
       for (int64_t rr = 0; rr < all_rows; ++rr) {
         const int64_t h = rr / seqlen_q, i = rr % seqlen_q;  // hk * group + g == rr / seqlen_q
-        widen_row(static_cast<const scalar_t*>(a.q) + b * a.q_batch_stride + h * a.q_head_stride + i * a.q_row_stride,
-                  D, q_f.data() + rr * D);
+        const scalar_t* q_row = static_cast<const scalar_t*>(a.q) + b * a.q_batch_stride + h * a.q_head_stride + i * a.q_row_stride;
+        if (dp)
+          std::memcpy(q_b.data() + rr * D, q_row, D * sizeof(uint16_t));
+        else
+          widen_row(q_row, D, q_f.data() + rr * D);
       }
       const int64_t cache_b = kp.cache_batch_idx ? kp.cache_batch_idx[b] : b;
       const int64_t first = kp.leftpad ? kp.leftpad[b] : 0;
+      // Where key j of batch b lives; the keys of a block are row_stride apart (blocks never cross a page).
       auto key_offset = [&](int64_t j, int64_t batch_stride, int64_t row_stride) -> int64_t {
         if (kp.block_table) {
           const int64_t page = kp.block_table[b * kp.block_table_batch_stride + j / kp.page_block_size];
@@ -141,65 +123,74 @@ void decode_direct(const KvCacheParams& kp) {
         const TileShape t{0, seqlen_q, col0, cols};
         const TileMasking tm = tile_masking(ps, heads[0], t);
         if (!tm.visible) continue;
-        // S: key rows in memory order (all kv heads of key j are adjacent).
-        for (int64_t jj = 0; jj < cols; ++jj) {
-          const scalar_t* k_row = static_cast<const scalar_t*>(a.k) + key_offset(col0 + jj, a.k_batch_stride, a.k_row_stride);
-          const scalar_t* v_row = static_cast<const scalar_t*>(a.v) + key_offset(col0 + jj, a.v_batch_stride, a.v_row_stride);
-          const int64_t ahead = col0 + jj + kPrefetchKeys;
-          const scalar_t* k_ahead =
-              ahead < end ? static_cast<const scalar_t*>(a.k) + key_offset(ahead, a.k_batch_stride, a.k_row_stride) : nullptr;
-          for (int64_t hk = 0; hk < Hk; ++hk) {
-            if (k_ahead) prefetch_bytes(k_ahead + hk * a.k_head_stride, D * static_cast<int64_t>(sizeof(scalar_t)));
-            prefetch_bytes(v_row + hk * a.v_head_stride, Dv * static_cast<int64_t>(sizeof(scalar_t)));
-            const scalar_t* kj = k_row + hk * a.k_head_stride;
-            const float* kf;
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              kf = kj;
-            } else {
-              widen_row(kj, D, k_f.data());
-              kf = k_f.data();
+        const scalar_t* k_block = k_base + key_offset(col0, a.k_batch_stride, a.k_row_stride);
+        const scalar_t* v_block = v_base + key_offset(col0, a.v_batch_stride, a.v_row_stride);
+        // The next block's keys and values: each kernel asks for its kv head's rows of it.
+        const int64_t next0 = col0 + cols;
+        int64_t next_cols = std::min(block_n, end - next0);
+        if (kp.block_table && next_cols > 0) next_cols = std::min(next_cols, kp.page_block_size - next0 % kp.page_block_size);
+        auto next_rows = [&](const scalar_t* base, int64_t batch_stride, int64_t head_stride, int64_t row_stride,
+                             int64_t hk, int64_t len) {
+          if (next_cols <= 0) return NextRows{};
+          constexpr int64_t e = sizeof(scalar_t);
+          return NextRows{reinterpret_cast<const char*>(base + key_offset(next0, batch_stride, row_stride) + hk * head_stride),
+                          row_stride * e, next_cols, len * e};
+        };
+        for (int64_t hk = 0; hk < Hk; ++hk) {  // S = Q Kᵀ
+          const NextRows next_k = next_rows(k_base, a.k_batch_stride, a.k_head_stride, a.k_row_stride, hk, D);
+          const scalar_t* kh = k_block + hk * a.k_head_stride;
+          float* s_h = s.data() + hk * R * block_n;
+          if (dp) {
+            scores_bf16_dp(q_b.data() + hk * R * D, R, reinterpret_cast<const uint16_t*>(kh), a.k_row_stride, cols, D,
+                           s_h, block_n, next_k);
+          } else if constexpr (kF32) {
+            scores_f32(q_f.data() + hk * R * D, R, kh, a.k_row_stride, cols, D, s_h, block_n, next_k);
+          } else {
+            for (int64_t jj = 0; jj < cols; ++jj) {
+              next_k.fetch(jj);
+              widen_row(kh + jj * a.k_row_stride, D, k_f.data() + jj * D);
             }
-            for (int64_t r = hk * R; r < (hk + 1) * R; ++r) s[r * cols + jj] = dot_f32(q_f.data() + r * D, kf, D);
+            scores_f32(q_f.data() + hk * R * D, R, k_f.data(), D, cols, D, s_h, block_n);
           }
         }
         for (int64_t rr = 0; rr < all_rows; ++rr) {
-          float* s_row = s.data() + rr * cols;
+          float* s_row = s.data() + rr * block_n;
           make_score_row(ps, heads[rr / seqlen_q], rr % seqlen_q, t, tm, s_row);
           online_softmax_row(s_row, cols, pending_scale<float>(ps, tm), row_max[rr], row_sum[rr], o.data() + rr * Dv, Dv);
         }
-        // O += P V, again key rows in memory order.
-        for (int64_t jj = 0; jj < cols; ++jj) {
-          const scalar_t* v_row = static_cast<const scalar_t*>(a.v) + key_offset(col0 + jj, a.v_batch_stride, a.v_row_stride);
-          for (int64_t hk = 0; hk < Hk; ++hk) {
-            const scalar_t* vj = v_row + hk * a.v_head_stride;
-            const float* vf;
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              vf = vj;
-            } else {
-              widen_row(vj, Dv, v_f.data());
-              vf = v_f.data();
+        if (dp) probabilities_to_bf16(s.data(), block_n, all_rows, cols, pb.data(), ldpb);
+        for (int64_t hk = 0; hk < Hk; ++hk) {  // O += P V
+          const NextRows next_v = next_rows(v_base, a.v_batch_stride, a.v_head_stride, a.v_row_stride, hk, Dv);
+          const scalar_t* vh = v_block + hk * a.v_head_stride;
+          float* o_h = o.data() + hk * R * Dv;
+          if (dp) {
+            pv_bf16_dp(pb.data() + hk * R * ldpb, ldpb, R, reinterpret_cast<const uint16_t*>(vh), a.v_row_stride, cols,
+                       Dv, o_h, next_v);
+          } else if constexpr (kF32) {
+            pv_f32(s.data() + hk * R * block_n, block_n, R, vh, a.v_row_stride, cols, Dv, o_h, next_v);
+          } else {
+            for (int64_t jj = 0; jj < cols; ++jj) {
+              next_v.fetch(jj);
+              widen_row(vh + jj * a.v_row_stride, Dv, v_f.data() + jj * Dv);
             }
-            for (int64_t r = hk * R; r < (hk + 1) * R; ++r) {
-              const float pr = s[r * cols + jj];
-              if (pr != 0.f) axpy_f32(pr, vf, o.data() + r * Dv, Dv);
-            }
+            pv_f32(s.data() + hk * R * block_n, block_n, R, v_f.data(), Dv, cols, Dv, o_h);
           }
         }
       }
       for (int64_t rr = 0; rr < all_rows; ++rr) {
         const int64_t h = rr / seqlen_q, i = rr % seqlen_q;
-        float* o_row = o.data() + rr * Dv;
+        const float* o_acc = o.data() + rr * Dv;
         const float sum = row_sum[rr];
         const float inv = sum > 0 ? 1.f / sum : 0.f;
-        for (int64_t x = 0; x < Dv; ++x) o_row[x] *= inv;
+        for (int64_t x = 0; x < Dv; ++x) o_out[dp ? (x / 32) * 32 + bf16_dp_column(x % 32) : x] = o_acc[x] * inv;
         const float lse = sum > 0 ? row_max[rr] + std::log(sum) : kNegInf;
         const int64_t row_index = (b * a.num_heads + h) * seqlen_q + i;
         if (num_splits == 1) {
-          store_row(o_row, Dv, static_cast<scalar_t*>(a.out) + b * a.o_batch_stride + h * a.o_head_stride + i * a.o_row_stride);
+          store_row(o_out.data(), Dv, static_cast<scalar_t*>(a.out) + b * a.o_batch_stride + h * a.o_head_stride + i * a.o_row_stride);
           a.lse[row_index] = lse;
         } else {
           const int64_t part = split * a.batch * a.num_heads * seqlen_q + row_index;
-          std::copy(o_row, o_row + Dv, static_cast<float*>(kp.partial_out) + part * Dv);
+          std::copy(o_out.data(), o_out.data() + Dv, static_cast<float*>(kp.partial_out) + part * Dv);
           static_cast<float*>(kp.partial_lse)[part] = lse;
         }
       }
