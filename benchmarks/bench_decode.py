@@ -1,9 +1,12 @@
 """CPU decode and varlen benchmark.
 
 Decode: flash_attn_with_kvcache (one new query token against a full cache, no append) against
-torch's SDPA and our dense path (flash_attn_func) on the same inputs, in one run, medians. Decode is
-memory-bound: GB/s counts K and V once (B * S * Hk * D * 2 * bytes), and "share" is that rate over
-the machine's read bandwidth measured in the same run (sum of a large fp32 tensor).
+torch's SDPA and our dense path (flash_attn_func) on the same inputs, in one run, medians. GB/s
+counts K and V once (B * S * Hk * D * 2 * bytes), and "share" is that rate over the machine's read
+bandwidth measured in the same run (sum of a large fp32 tensor). Decode is memory-bound only while
+each K/V element costs few FLOPs: MQA's 32 query heads per kv head do 4 * 32 FLOPs per element, and
+then the roof is the mm peak (measured in the same run too). "roof" is the share of the roofline
+time max(FLOPs / mm peak, bytes / bandwidth).
 
 Varlen: flash_attn_varlen_func forward+backward on a packed batch against the dense kernel on the
 same tokens per sequence (equal lengths: one (B, L) dense call; mixed lengths: one dense call per
@@ -22,15 +25,10 @@ import torch
 import torch.nn.functional as F
 
 import flashattn_ext
-from timing import median_time  # noqa: E402  (benchmarks/timing.py)
+from machine_peaks import mm_peak, read_bandwidth, roofline_ms  # noqa: E402  (benchmarks/)
+from timing import median_time  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def read_bandwidth(repeats, gib=1.0):
-    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
-    t = median_time(lambda: x.sum(), repeats, warmup=2)
-    return x.numel() * 4 / t / 1e9
 
 
 def paged(cache, page):
@@ -45,13 +43,14 @@ def paged(cache, page):
     return blocks, table
 
 
-def decode_case(B, S, Hq, Hk, D, dtype, repeats, bw, page=256):
+def decode_case(B, S, Hq, Hk, D, dtype, repeats, bw, peak, page=256):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, 1, Hq, D, generator=g).to(dtype)
     k_cache = torch.randn(B, S, Hk, D, generator=g).to(dtype)
     v_cache = torch.randn(B, S, Hk, D, generator=g).to(dtype)
     seqlens = torch.full((B,), S, dtype=torch.int32)
     kv_bytes = 2 * B * S * Hk * D * k_cache.element_size()
+    flops = 4 * B * Hq * S * D
     rows = []
     ours = lambda: flashattn_ext.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens)  # noqa: E731
     t_ours = median_time(ours, repeats)
@@ -72,7 +71,8 @@ def decode_case(B, S, Hq, Hk, D, dtype, repeats, bw, page=256):
     for layout, t, ts, td in rows:
         gbs = kv_bytes / t / 1e9
         out.append(dict(layout=layout, ms=t * 1e3, gbs=gbs, share=gbs / bw, sdpa_ms=ts * 1e3, dense_ms=td * 1e3,
-                        speedup_vs_sdpa=ts / t, mb=kv_bytes / 1e6))
+                        speedup_vs_sdpa=ts / t, mb=kv_bytes / 1e6,
+                        roof=roofline_ms(flops, kv_bytes, peak, bw) / (t * 1e3)))
     return out
 
 
@@ -124,20 +124,24 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
           f"build {flashattn_ext.build_info().get('cpu_gemm')}")
     bw = read_bandwidth(repeats)
-    print(f"read bandwidth (sum of a 1 GiB fp32 tensor): {bw:.1f} GB/s\n")
-    print("decode: 1 query token, full cache, D=128; GB/s counts K and V once; share = GB/s / read bandwidth")
+    peaks = {name: mm_peak(dtype, repeats) for name, dtype in DTYPES.items()}
+    print(f"read bandwidth (sum of a 1 GiB fp32 tensor): {bw:.1f} GB/s; mm peak (2048^3): "
+          + ", ".join(f"{n} {g:.0f} GFLOP/s" for n, g in peaks.items()) + "\n")
+    print("decode: 1 query token, full cache, D=128; GB/s counts K and V once; share = GB/s / read bandwidth; "
+          "roof = roofline time / ours")
     header = (f"{'case':<28} {'dtype':<5} {'layout':<10} {'MB':>7} {'ours ms':>8} {'GB/s':>6} {'share':>6} "
-              f"{'sdpa ms':>8} {'x sdpa':>7} {'dense ms':>9}")
+              f"{'roof':>5} {'sdpa ms':>8} {'x sdpa':>7} {'dense ms':>9}")
     print(header)
     print("-" * len(header))
     cases = [("MHA B=4 Hq=Hk=32", 4, S, 32, 32), ("GQA B=4 Hq=32 Hk=8", 4, S, 32, 8),
+             ("GQA B=16 Hq=32 Hk=8 S=512", 16, 512, 32, 8), (f"GQA B=1 Hq=32 Hk=8 S={S_long}", 1, S_long, 32, 8),
              ("MQA B=4 Hq=32 Hk=1", 4, S, 32, 1), (f"MQA B=1 Hq=32 Hk=1 S={S_long}", 1, S_long, 32, 1)]
     for name, B, s, Hq, Hk in cases:
         label = name if "S=" in name else f"{name} S={s}"
         for dname, dtype in DTYPES.items():
-            for r in decode_case(B, s, Hq, Hk, 128, dtype, repeats, bw):
+            for r in decode_case(B, s, Hq, Hk, 128, dtype, repeats, bw, peaks[dname]):
                 print(f"{label:<28} {dname:<5} {r['layout']:<10} {r['mb']:>7.1f} {r['ms']:>8.2f} {r['gbs']:>6.1f} "
-                      f"{r['share']:>6.0%} {r['sdpa_ms']:>8.2f} {r['speedup_vs_sdpa']:>7.2f} {r['dense_ms']:>9.2f}",
+                      f"{r['share']:>6.0%} {r['roof']:>5.0%} {r['sdpa_ms']:>8.2f} {r['speedup_vs_sdpa']:>7.2f} {r['dense_ms']:>9.2f}",
                       flush=True)
 
     print("\nvarlen forward+backward vs the dense kernel on the same tokens per sequence (bf16, causal, H=8, D=64)")

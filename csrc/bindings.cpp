@@ -40,6 +40,8 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flashattn_ext compiled core: dispatcher ops flashattn_ext::fwd / bwd / dropout_mask";
+  m.def("_cpu_gemm_hot_tile_gflops", &flashattn::cpu::gemm_hot_tile_gflops,
+        "Benchmarks: GFLOP/s of the CPU kernels' GEMM (bf16, M, N, K, iters) on a hot tile, all threads.");
   m.def("build_info", &build_info, "What this build contains: devices, dtypes, features, CUDA archs.");
   m.def("block_mask_range", &flashattn::block_mask_range,
         "(min, max) of an int32 block_mask, remembered for the tensor's current version (BlockSparseMask).");

@@ -1,8 +1,11 @@
 #include "cpu/blas.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -125,6 +128,31 @@ bool have_brgemm_f32() {
 bool have_brgemm_bf16_vnni() {
   static const bool ok = probe<c10::BFloat16>(true);
   return ok;
+}
+
+double gemm_hot_tile_gflops(bool bf16, int64_t M, int64_t N, int64_t K, int64_t iters) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> seconds(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::vector<float> a(M * K, 0.5f), b(K * N, 0.25f), c(M * N, 0.f);
+      std::vector<c10::BFloat16> ab(M * K, 0.5f), bb(K * N + N, 0.25f);
+      auto once = [&] {
+        if (bf16)
+          gemm_bf16_vnni(M, N, K, ab.data(), K, bb.data(), N, c.data(), N, true);
+        else
+          gemm_f32(M, N, K, a.data(), K, b.data(), N, c.data(), N, true);
+      };
+      for (int i = 0; i < 3; ++i) once();  // warm: micro-kernel generated, operands in cache
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int64_t i = 0; i < iters; ++i) once();
+      seconds[t] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      gemm_release();
+    }
+  });
+  double slowest = 0;
+  for (double x : seconds) slowest = std::max(slowest, x);
+  return 2.0 * M * N * K * iters * threads / slowest / 1e9;
 }
 
 bool have_avx512_bf16() {

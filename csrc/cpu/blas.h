@@ -29,6 +29,11 @@ void gemm_bf16_vnni(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int
 void gemm_f64(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
               int64_t ldc, bool accumulate);
 
+// Benchmarks: GFLOP/s of the GEMM the kernels use (bf16 VNNI or fp32) on one hot M×N×K tile,
+// repeated `iters` times on every thread at once (each its own operands, resident in cache):
+// the machine's compute roof as the CPU kernels see it.
+double gemm_hot_tile_gflops(bool bf16, int64_t M, int64_t N, int64_t K, int64_t iters);
+
 // Releases per-thread micro-kernel state (AMX tile configuration); call when a worker is done.
 void gemm_release();
 

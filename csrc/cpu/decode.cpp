@@ -63,13 +63,26 @@ struct DecodeWorkspace {
 // they lie by the register-blocked loops of cpu/decode_microkernels.h, once per group.
 constexpr int64_t kDirectRows = 32;
 
+// Which kernel a call runs, and its block of keys: the direct kernel takes all kv heads of a block
+// of keys (about 32 KB of each of K and V per block), the GEMM path one kv head's kBlockN keys.
+// Blocks never cross a page. decode_num_splits cuts the key range in these units too.
+inline bool runs_direct(const AttentionParams& a) {
+  return a.dtype != DType::kFloat64 && (a.num_heads / std::max<int64_t>(1, a.num_heads_k)) * a.seqlen_q <= kDirectRows;
+}
+inline int64_t decode_block_n(const KvCacheParams& kp) {
+  const AttentionParams& a = kp.attn;
+  const int64_t n = runs_direct(a)
+                        ? std::clamp<int64_t>(32768 / std::max<int64_t>(1, a.num_heads_k * std::max(a.headdim, a.headdim_v)), 8, 64)
+                        : kBlockN;
+  return kp.block_table ? std::min(n, kp.page_block_size) : n;
+}
+
 template <typename scalar_t>
 void decode_direct(const KvCacheParams& kp) {
   const AttentionParams& a = kp.attn;
   const int64_t Hk = a.num_heads_k, group = a.num_heads / Hk, seqlen_q = a.seqlen_q, R = group * seqlen_q;
   const int64_t all_rows = Hk * R, D = a.headdim, Dv = a.headdim_v, num_splits = kp.num_splits;
-  int64_t block_n = std::clamp<int64_t>(32768 / std::max<int64_t>(1, Hk * std::max(D, Dv)), 8, 64);
-  if (kp.block_table) block_n = std::min(block_n, kp.page_block_size);
+  const int64_t block_n = decode_block_n(kp);
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   constexpr bool kF32 = std::is_same_v<scalar_t, float>;
   // bf16 with AVX512-BF16: the bf16 rows as they are. Otherwise fp32 (fp16 and bf16 widened).
@@ -206,12 +219,12 @@ void decode_impl(const KvCacheParams& kp) {
   const AttentionParams& a = kp.attn;
   const int64_t group = a.num_heads / a.num_heads_k, seqlen_q = a.seqlen_q, rows = group * seqlen_q;
   const int64_t kv_tasks = a.batch * a.num_heads_k, num_splits = kp.num_splits;
-  const int64_t block_n = kp.block_table ? std::min(kBlockN, kp.page_block_size) : kBlockN;
+  const int64_t block_n = decode_block_n(kp);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
   bool done = false;
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (rows <= kDirectRows) {
+    if (runs_direct(a)) {
       decode_direct<scalar_t>(kp);
       done = true;
     }
@@ -347,13 +360,11 @@ void decode_impl(const KvCacheParams& kp) {
 }  // namespace
 
 int64_t decode_num_splits(const KvCacheParams& p, int64_t max_seqlen_k, int64_t requested, int threads) {
-  const int64_t block_n = p.block_table ? std::min(kBlockN, p.page_block_size) : kBlockN;
-  const int64_t blocks = std::max<int64_t>(1, ceil_div(max_seqlen_k, block_n));
+  const int64_t blocks = std::max<int64_t>(1, ceil_div(max_seqlen_k, decode_block_n(p)));
   if (requested > 0) return std::clamp<int64_t>(requested, 1, std::min<int64_t>(128, blocks));
-  // Enough tasks for every thread (4 per thread balance uneven lengths), each split >= 2 tiles.
+  // Enough tasks for every thread (4 per thread balance uneven lengths), each split >= 2 blocks.
   const AttentionParams& a = p.attn;
-  const bool direct = a.dtype != DType::kFloat64 && (a.num_heads / std::max<int64_t>(1, a.num_heads_k)) * a.seqlen_q <= kDirectRows;
-  const int64_t tasks = std::max<int64_t>(1, direct ? a.batch : a.batch * a.num_heads_k);  // decode_direct: all heads per task
+  const int64_t tasks = std::max<int64_t>(1, runs_direct(a) ? a.batch : a.batch * a.num_heads_k);  // direct: all heads per task
   const int64_t want = ceil_div(4 * threads, tasks);
   return std::clamp<int64_t>(want, 1, std::max<int64_t>(1, std::min<int64_t>(128, blocks / 2)));
 }
