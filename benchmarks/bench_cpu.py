@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flashattn_ext
-from machine_peaks import mm_peak, read_bandwidth  # noqa: E402  (benchmarks/)
+from machine_peaks import compute_peak, machine_peaks  # noqa: E402  (benchmarks/)
 from timing import median_time  # noqa: E402
 
 VARIANTS = ("flashattn_ext", "torch_flash", "torch_math")
@@ -67,23 +67,6 @@ def attention_flops(B, H, L, S, D, causal, backward):
     """REFERENCE.md: forward 4·B·H·L·S·D (half when causal); forward+backward 3.5× that."""
     f = 4 * B * H * L * S * D * (0.5 if causal else 1.0)
     return f * (3.5 if backward else 1.0)
-
-
-def machine_peaks(repeats):
-    """GFLOP/s and GB/s roofs, measured now (machines differ from day to day)."""
-    return {
-        "bf16_mm_gflops": mm_peak(torch.bfloat16, repeats),
-        "fp32_mm_gflops": mm_peak(torch.float32, repeats),
-        "bf16_hot_tile_gflops": flashattn_ext._C._cpu_gemm_hot_tile_gflops(True, 64, 64, 128, 20000),
-        "fp32_hot_tile_gflops": flashattn_ext._C._cpu_gemm_hot_tile_gflops(False, 64, 64, 128, 20000),
-        "read_gbs": read_bandwidth(repeats),
-    }
-
-
-def compute_peak(peaks, dtype_name):
-    """The roof a case's share is taken of: bf16 mm for bf16; the fp32 micro-kernel for fp32 (torch's
-    fp32 mm does not reach it here)."""
-    return peaks["bf16_mm_gflops"] if dtype_name == "bf16" else peaks["fp32_hot_tile_gflops"]
 
 
 def sweep(repeats, quick):

@@ -5,7 +5,7 @@ torch's SDPA and our dense path (flash_attn_func) on the same inputs, in one run
 counts K and V once (B * S * Hk * D * 2 * bytes), and "share" is that rate over the machine's read
 bandwidth measured in the same run (sum of a large fp32 tensor). Decode is memory-bound only while
 each K/V element costs few FLOPs: MQA's 32 query heads per kv head do 4 * 32 FLOPs per element, and
-then the roof is the mm peak (measured in the same run too). "roof" is the share of the roofline
+then the roof is the compute peak (bf16 mm; fp32: the GEMM micro-kernel's hot-tile rate; measured in the same run too). "roof" is the share of the roofline
 time max(FLOPs / mm peak, bytes / bandwidth).
 
 Varlen: flash_attn_varlen_func forward+backward on a packed batch against the dense kernel on the
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import flashattn_ext
-from machine_peaks import mm_peak, read_bandwidth, roofline_ms  # noqa: E402  (benchmarks/)
+from machine_peaks import compute_peak, machine_peaks, roofline_ms  # noqa: E402  (benchmarks/)
 from timing import median_time  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -123,10 +123,10 @@ def main():
     print("command:", " ".join([os.path.basename(sys.executable)] + sys.argv))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
           f"build {flashattn_ext.build_info().get('cpu_gemm')}")
-    bw = read_bandwidth(repeats)
-    peaks = {name: mm_peak(dtype, repeats) for name, dtype in DTYPES.items()}
-    print(f"read bandwidth (sum of a 1 GiB fp32 tensor): {bw:.1f} GB/s; mm peak (2048^3): "
-          + ", ".join(f"{n} {g:.0f} GFLOP/s" for n, g in peaks.items()) + "\n")
+    peaks = machine_peaks(repeats)
+    bw = peaks["read_gbs"]
+    print("read bandwidth (sum of a 1 GiB fp32 tensor): {read_gbs:.1f} GB/s; compute roofs: bf16 mm (2048^3) "
+          "{bf16_mm_gflops:.0f}, fp32 GEMM hot tile {fp32_hot_tile_gflops:.0f} GFLOP/s\n".format(**peaks))
     print("decode: 1 query token, full cache, D=128; GB/s counts K and V once; share = GB/s / read bandwidth; "
           "roof = roofline time / ours")
     header = (f"{'case':<28} {'dtype':<5} {'layout':<10} {'MB':>7} {'ours ms':>8} {'GB/s':>6} {'share':>6} "
@@ -139,7 +139,7 @@ def main():
     for name, B, s, Hq, Hk in cases:
         label = name if "S=" in name else f"{name} S={s}"
         for dname, dtype in DTYPES.items():
-            for r in decode_case(B, s, Hq, Hk, 128, dtype, repeats, bw, peaks[dname]):
+            for r in decode_case(B, s, Hq, Hk, 128, dtype, repeats, bw, compute_peak(peaks, dname)):
                 print(f"{label:<28} {dname:<5} {r['layout']:<10} {r['mb']:>7.1f} {r['ms']:>8.2f} {r['gbs']:>6.1f} "
                       f"{r['share']:>6.0%} {r['roof']:>5.0%} {r['sdpa_ms']:>8.2f} {r['speedup_vs_sdpa']:>7.2f} {r['dense_ms']:>9.2f}",
                       flush=True)

@@ -3,6 +3,7 @@
 
 import torch
 
+import flashattn_ext
 from timing import median_time
 
 
@@ -24,3 +25,21 @@ def mm_peak(dtype, repeats, n=2048):
 def roofline_ms(flops, bytes_moved, peak_gflops, bw_gbs):
     """The time no kernel beats: the slower of computing the FLOPs at the peak and moving the bytes."""
     return max(flops / (peak_gflops * 1e9), bytes_moved / (bw_gbs * 1e9)) * 1e3
+
+
+def machine_peaks(repeats):
+    """GFLOP/s and GB/s roofs, measured now (machines differ from day to day): torch.mm on 2048³,
+    the GEMM micro-kernel the CPU kernels use on a hot 64×64×128 tile (all threads), read bandwidth."""
+    return {
+        "bf16_mm_gflops": mm_peak(torch.bfloat16, repeats),
+        "fp32_mm_gflops": mm_peak(torch.float32, repeats),
+        "bf16_hot_tile_gflops": flashattn_ext._C._cpu_gemm_hot_tile_gflops(True, 64, 64, 128, 20000),
+        "fp32_hot_tile_gflops": flashattn_ext._C._cpu_gemm_hot_tile_gflops(False, 64, 64, 128, 20000),
+        "read_gbs": read_bandwidth(repeats),
+    }
+
+
+def compute_peak(peaks, dtype_name):
+    """The compute roof a case's share is taken of: bf16 mm for bf16; the fp32 micro-kernel's hot
+    tile for fp32 (torch's fp32 mm does not reach it here)."""
+    return peaks["bf16_mm_gflops"] if dtype_name == "bf16" else peaks["fp32_hot_tile_gflops"]
