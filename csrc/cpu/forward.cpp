@@ -48,6 +48,9 @@ struct ForwardWorkspace {
   }
 };
 
+// The key slice width of a tile the band cuts (see forward_impl).
+constexpr int64_t kBandSubTile = 64;
+
 template <typename Policy>
 void forward_impl(const AttentionParams& p) {
   using scalar_t = typename Policy::scalar_t;
@@ -80,37 +83,61 @@ void forward_impl(const AttentionParams& p) {
       std::fill(ws.row_sum.begin(), ws.row_sum.end(), acc_t(0));
       std::fill(ws.o.begin(), ws.o.begin() + rows * p.headdim_v, acc_t(0));
 
-      const auto [col_begin, col_end] = visible_key_range(p, row0, rows, tiling.block_n);
-      for (int64_t col0 = col_begin; col0 < col_end; col0 += tiling.block_n) {
-        const TileShape t{row0, rows, col0, std::min(tiling.block_n, p.seqlen_k - col0)};
-        const TileMasking tm = tile_masking(p, hc, t);
-        if (!tm.visible) continue;
-
+      // One tile: rows [t.row0, t.row0 + t.rows) of this block (a subset, on the band's edge)
+      // against keys [t.col0, t.col0 + t.cols).
+      auto run_tile = [&](const TileShape& t, const TileMasking& tm) {
+        const int64_t r_off = t.row0 - row0;
         // S = Q Kᵀ
-        Policy::b_transposed(k + col0 * p.k_row_stride, p.k_row_stride, t.cols, p.headdim, ws.k_t.data());
-        Policy::gemm(rows, t.cols, p.headdim, a_q, lda_q, ws.k_t.data(), Policy::b_ld(t.cols), ws.s.data(), t.cols,
-                     false);
+        Policy::b_transposed(k + t.col0 * p.k_row_stride, p.k_row_stride, t.cols, p.headdim, ws.k_t.data());
+        Policy::gemm(t.rows, t.cols, p.headdim, a_q + r_off * lda_q, lda_q, ws.k_t.data(), Policy::b_ld(t.cols),
+                     ws.s.data(), t.cols, false);
 
         // Scores, online softmax, P (dropped out for the product, not for row_sum).
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = 0; r < t.rows; ++r) {
           acc_t* s_row = ws.s.data() + r * t.cols;
-          make_score_row(p, hc, row0 + r, t, tm, s_row);
-          online_softmax_row(s_row, t.cols, pending_scale<acc_t>(p, tm), ws.row_max[r], ws.row_sum[r],
-                             ws.o.data() + r * p.headdim_v, p.headdim_v);
-          if (p.dropout_p > 0) apply_dropout_row(p, hc, row0 + r, t, keep_threshold, keep_scale, s_row);
+          make_score_row(p, hc, t.row0 + r, t, tm, s_row);
+          online_softmax_row(s_row, t.cols, pending_scale<acc_t>(p, tm), ws.row_max[r_off + r], ws.row_sum[r_off + r],
+                             ws.o.data() + (r_off + r) * p.headdim_v, p.headdim_v);
+          if (p.dropout_p > 0) apply_dropout_row(p, hc, t.row0 + r, t, keep_threshold, keep_scale, s_row);
           if constexpr (!std::is_same_v<op_t, acc_t>) Policy::a_from_acc(s_row, t.cols, ws.p.data() + r * t.cols);
         }
 
         // O += P V
         int64_t ldb_v;
-        const op_t* b_v = Policy::b_rows(v + col0 * p.v_row_stride, p.v_row_stride, t.cols, p.headdim_v,
+        const op_t* b_v = Policy::b_rows(v + t.col0 * p.v_row_stride, p.v_row_stride, t.cols, p.headdim_v,
                                          ws.v.data(), &ldb_v);
         const op_t* a_p;
         if constexpr (std::is_same_v<op_t, acc_t>)
           a_p = ws.s.data();
         else
           a_p = ws.p.data();
-        Policy::gemm(rows, p.headdim_v, t.cols, a_p, t.cols, b_v, ldb_v, ws.o.data(), p.headdim_v, true);
+        Policy::gemm(t.rows, p.headdim_v, t.cols, a_p, t.cols, b_v, ldb_v, ws.o.data() + r_off * p.headdim_v,
+                     p.headdim_v, true);
+      };
+
+      const auto [col_begin, col_end] = visible_key_range(p, row0, rows, tiling.block_n);
+      for (int64_t col0 = col_begin; col0 < col_end; col0 += tiling.block_n) {
+        const TileShape t{row0, rows, col0, std::min(tiling.block_n, p.seqlen_k - col0)};
+        const TileMasking tm = tile_masking(p, hc, t);
+        if (!tm.visible) continue;
+        if (!tm.band_cuts || p.block_mask || t.cols <= kBandSubTile) {
+          run_tile(t, tm);
+          continue;
+        }
+        // A tile the band cuts (the causal diagonal, a window's edges): in narrower key slices,
+        // each over only the rows that see some key in it (from a multiple of 16 rows, for the
+        // GEMM), so the masked-out triangle is mostly not computed.
+        for (int64_t c0 = col0; c0 < col0 + t.cols; c0 += kBandSubTile) {
+          const int64_t cols = std::min(kBandSubTile, col0 + t.cols - c0);
+          const auto [q_begin, q_end] = visible_query_range(p, c0, cols);
+          const int64_t lo = std::max(row0, q_begin), hi = std::min(row0 + rows, q_end);
+          if (lo >= hi) continue;
+          const int64_t first = row0 + (lo - row0) / 16 * 16;
+          const int64_t last = std::min(row0 + rows, row0 + ceil_div(hi - row0, 16) * 16);
+          const TileShape sub{first, last - first, c0, cols};
+          const TileMasking sub_tm = tile_masking(p, hc, sub);
+          if (sub_tm.visible) run_tile(sub, sub_tm);
+        }
       }
 
       // O / row_sum and lse; a row that saw no key gets O = 0 and lse = -inf.
