@@ -30,6 +30,8 @@ import sys
 
 import torch
 
+from plotting import pyplot  # noqa: E402  (benchmarks/)
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = ["ours", "flash", "efficient", "cudnn", "flex"]
 
@@ -206,13 +208,8 @@ def ratios(rows, modes):
 
 
 def plot(rows, modes, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return False
     configs = sorted({(r["headdim"], r["causal"]) for r in rows})
     fig, axes = plt.subplots(len(configs), len(modes), figsize=(5 * len(modes), 3.2 * len(configs)), squeeze=False)

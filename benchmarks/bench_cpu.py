@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flashattn_ext
+from plotting import pyplot  # noqa: E402  (benchmarks/)
 from machine_peaks import compute_peak, machine_peaks  # noqa: E402  (benchmarks/)
 from timing import median_time  # noqa: E402
 
@@ -102,12 +103,8 @@ def sweep(repeats, quick):
 
 
 def plot(sw, peaks, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, label, marker in (("training", "training fwd+bwd (H=8, D=64)", "o"),

@@ -45,39 +45,30 @@ FLASHATTN_BF16_DP void pv_bf16_tile(const uint16_t* pb, int64_t ldpb, const uint
 
 }  // namespace
 
-FLASHATTN_BF16_DP void scores_bf16_dp(const uint16_t* q, int64_t rows, const uint16_t* k, int64_t ks, int64_t n,
-                                      int64_t d, float* s, int64_t lds, const NextRows& next) {
-  for (int64_t r = 0; r < rows; r += 2) {
-    const bool two = r + 1 < rows;
-    const uint16_t* q0 = q + r * d;
-    const uint16_t* q1 = two ? q0 + d : q0;
-    for (int64_t j = 0; j < n; j += 4) {
-      const uint16_t* kr[4];
-      for (int t = 0; t < 4; ++t) kr[t] = k + std::min(j + t, n - 1) * ks;  // past n: a repeat, not stored
-      if (r == 0)
-        for (int t = 0; t < 4; ++t) next.fetch(j + t);
-      __m512 a0[4], a1[4];
-      for (int t = 0; t < 4; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
-      for (int64_t x = 0; x < d; x += 32) {
-        const __m512bh qa = as_bh(_mm512_loadu_si512(q0 + x)), qb = as_bh(_mm512_loadu_si512(q1 + x));
-        for (int t = 0; t < 4; ++t) {
-          const __m512bh kv = as_bh(_mm512_loadu_si512(kr[t] + x));
-          a0[t] = _mm512_dpbf16_ps(a0[t], qa, kv);
-          a1[t] = _mm512_dpbf16_ps(a1[t], qb, kv);
-        }
-      }
-      float dots[4];
-      const int64_t keys = std::min<int64_t>(4, n - j);
-      const Vectorized<float> v0[4] = {a0[0], a0[1], a0[2], a0[3]};
-      reduce4(v0, dots);
-      store_dots(dots, keys, s + r * lds + j);
-      if (two) {
-        const Vectorized<float> v1[4] = {a1[0], a1[1], a1[2], a1[3]};
-        reduce4(v1, dots);
-        store_dots(dots, keys, s + (r + 1) * lds + j);
+// The bf16 dot quad of for_score_quads (a functor: a lambda would not take the target attribute).
+struct Bf16DotQuad {
+  int64_t d;
+  FLASHATTN_BF16_DP void operator()(const uint16_t* q0, const uint16_t* q1, const uint16_t* const* kr, float* dots0,
+                                    float* dots1) const {
+    __m512 a0[4], a1[4];
+    for (int t = 0; t < 4; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
+    for (int64_t x = 0; x < d; x += 32) {
+      const __m512bh qa = as_bh(_mm512_loadu_si512(q0 + x)), qb = as_bh(_mm512_loadu_si512(q1 + x));
+      for (int t = 0; t < 4; ++t) {
+        const __m512bh kv = as_bh(_mm512_loadu_si512(kr[t] + x));
+        a0[t] = _mm512_dpbf16_ps(a0[t], qa, kv);
+        a1[t] = _mm512_dpbf16_ps(a1[t], qb, kv);
       }
     }
+    const Vectorized<float> v0[4] = {a0[0], a0[1], a0[2], a0[3]}, v1[4] = {a1[0], a1[1], a1[2], a1[3]};
+    reduce4(v0, dots0);
+    reduce4(v1, dots1);
   }
+};
+
+FLASHATTN_BF16_DP void scores_bf16_dp(const uint16_t* q, int64_t rows, const uint16_t* k, int64_t ks, int64_t n,
+                                      int64_t d, float* s, int64_t lds, const NextRows& next) {
+  for_score_quads(q, rows, k, ks, n, d, s, lds, next, Bf16DotQuad{d});
 }
 
 FLASHATTN_BF16_DP void probabilities_to_bf16(const float* p, int64_t ldp, int64_t rows, int64_t n, uint16_t* pb,

@@ -92,49 +92,60 @@ inline void store_dots(const float* dots, int64_t keys, float* s) {
 
 // ---- fp32 ----------------------------------------------------------------------------------
 
-// s[r * lds + j] = q_r · k_j for r < rows, j < n; q row r at q + r * d (contiguous), key j at
-// k + j * ks; any d.
+// The scores loop of both flavours: s[r * lds + j] = q_r · k_j for r < rows, j < n; q row r at
+// q + r * d (contiguous), key j at k + j * ks. Rows go in pairs and keys in fours; quad(q0, q1, kr,
+// dots0, dots1) writes the four dots of rows q0 and q1 with keys kr[0..3] (past n: a repeat of the
+// last key, not stored). Forced inline, so that it takes the instruction set of its caller.
+template <typename T, typename Quad>
+__attribute__((always_inline)) inline void for_score_quads(const T* q, int64_t rows, const T* k, int64_t ks, int64_t n,
+                                                           int64_t d, float* s, int64_t lds, const NextRows& next,
+                                                           const Quad& quad) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    const bool two = r + 1 < rows;
+    const T* q0 = q + r * d;
+    const T* q1 = two ? q0 + d : q0;
+    for (int64_t j = 0; j < n; j += 4) {
+      const T* kr[4];
+      for (int t = 0; t < 4; ++t) kr[t] = k + std::min(j + t, n - 1) * ks;
+      if (r == 0)
+        for (int t = 0; t < 4; ++t) next.fetch(j + t);
+      float dots0[4], dots1[4];
+      quad(q0, q1, kr, dots0, dots1);
+      const int64_t keys = std::min<int64_t>(4, n - j);
+      store_dots(dots0, keys, s + r * lds + j);
+      if (two) store_dots(dots1, keys, s + (r + 1) * lds + j);
+    }
+  }
+}
+
+// scores for fp32 rows, any d.
 inline void scores_f32(const float* q, int64_t rows, const float* k, int64_t ks, int64_t n, int64_t d, float* s,
                        int64_t lds, const NextRows& next = {}) {
   using Vec = Vectorized<float>;
   constexpr int64_t W = Vec::size();
   const int64_t d_full = d - d % W, d_tail = d % W;
-  for (int64_t r = 0; r < rows; r += 2) {
-    const bool two = r + 1 < rows;
-    const float* q0 = q + r * d;
-    const float* q1 = two ? q0 + d : q0;
-    for (int64_t j = 0; j < n; j += 4) {
-      const float* kr[4];
-      for (int t = 0; t < 4; ++t) kr[t] = k + std::min(j + t, n - 1) * ks;  // past n: a repeat, not stored
-      if (r == 0)
-        for (int t = 0; t < 4; ++t) next.fetch(j + t);
-      Vec a0[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)}, a1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-      for (int64_t x = 0; x < d_full; x += W) {
-        const Vec qa = Vec::loadu(q0 + x), qb = Vec::loadu(q1 + x);
-        for (int t = 0; t < 4; ++t) {
-          const Vec kv = Vec::loadu(kr[t] + x);
-          a0[t] = at::vec::fmadd(qa, kv, a0[t]);
-          a1[t] = at::vec::fmadd(qb, kv, a1[t]);
-        }
-      }
-      if (d_tail) {  // loadu(ptr, count) fills the rest of the vector with zeros
-        const Vec qa = Vec::loadu(q0 + d_full, d_tail), qb = Vec::loadu(q1 + d_full, d_tail);
-        for (int t = 0; t < 4; ++t) {
-          const Vec kv = Vec::loadu(kr[t] + d_full, d_tail);
-          a0[t] = at::vec::fmadd(qa, kv, a0[t]);
-          a1[t] = at::vec::fmadd(qb, kv, a1[t]);
-        }
-      }
-      float dots[4];
-      const int64_t keys = std::min<int64_t>(4, n - j);
-      reduce4(a0, dots);
-      store_dots(dots, keys, s + r * lds + j);
-      if (two) {
-        reduce4(a1, dots);
-        store_dots(dots, keys, s + (r + 1) * lds + j);
-      }
-    }
-  }
+  for_score_quads(q, rows, k, ks, n, d, s, lds, next,
+                  [&](const float* q0, const float* q1, const float* const* kr, float* dots0, float* dots1) {
+                    Vec a0[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)}, a1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+                    for (int64_t x = 0; x < d_full; x += W) {
+                      const Vec qa = Vec::loadu(q0 + x), qb = Vec::loadu(q1 + x);
+                      for (int t = 0; t < 4; ++t) {
+                        const Vec kv = Vec::loadu(kr[t] + x);
+                        a0[t] = at::vec::fmadd(qa, kv, a0[t]);
+                        a1[t] = at::vec::fmadd(qb, kv, a1[t]);
+                      }
+                    }
+                    if (d_tail) {  // loadu(ptr, count) fills the rest of the vector with zeros
+                      const Vec qa = Vec::loadu(q0 + d_full, d_tail), qb = Vec::loadu(q1 + d_full, d_tail);
+                      for (int t = 0; t < 4; ++t) {
+                        const Vec kv = Vec::loadu(kr[t] + d_full, d_tail);
+                        a0[t] = at::vec::fmadd(qa, kv, a0[t]);
+                        a1[t] = at::vec::fmadd(qb, kv, a1[t]);
+                      }
+                    }
+                    reduce4(a0, dots0);
+                    reduce4(a1, dots1);
+                  });
 }
 
 // o[r * dv + c] += Σ_j p[r * ldp + j] · v[j * vs + c] for r < R, j < n, c < dv.
