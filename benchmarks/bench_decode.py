@@ -12,8 +12,12 @@ Varlen: flash_attn_varlen_func forward+backward on a packed batch against the de
 same tokens per sequence (equal lengths: one (B, L) dense call; mixed lengths: one dense call per
 sequence), bf16, causal.
 
-    python benchmarks/bench_decode.py             # everything, prints the table
+    python benchmarks/bench_decode.py             # everything, prints the table (on the GPU if there is one)
     python benchmarks/bench_decode.py --quick     # small smoke run
+    python benchmarks/bench_decode.py --device cpu
+
+On a GPU the same cases run with CUDA tensors (each call waited for), plus one large GQA batch, and
+the roofs are the GPU's (torch.mm 8192³, a 4 GiB sum).
 """
 
 import argparse
@@ -31,6 +35,13 @@ from timing import median_time  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+DEVICE = "cpu"  # main() sets it
+
+
+def timed(fn, repeats):
+    return median_time(fn, repeats, device=DEVICE)
+
+
 def paged(cache, page):
     """(B, S, H, D) -> (num_blocks, page, H, D) in a shuffled block order, and the block table."""
     B, S = cache.shape[:2]
@@ -40,31 +51,32 @@ def paged(cache, page):
     table = perm.view(B, n).to(torch.int32)
     blocks = torch.empty(B * n, page, *cache.shape[2:], dtype=cache.dtype)
     blocks[perm] = cache.reshape(B * n, page, *cache.shape[2:])
-    return blocks, table
+    return blocks.to(DEVICE), table.to(DEVICE)
 
 
 def decode_case(B, S, Hq, Hk, D, dtype, repeats, bw, peak, page=256):
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, 1, Hq, D, generator=g).to(dtype)
+    q = torch.randn(B, 1, Hq, D, generator=g).to(dtype).to(DEVICE)
     k_cache = torch.randn(B, S, Hk, D, generator=g).to(dtype)
     v_cache = torch.randn(B, S, Hk, D, generator=g).to(dtype)
-    seqlens = torch.full((B,), S, dtype=torch.int32)
+    seqlens = torch.full((B,), S, dtype=torch.int32, device=DEVICE)
     kv_bytes = 2 * B * S * Hk * D * k_cache.element_size()
     flops = 4 * B * Hq * S * D
     rows = []
+    kb, table = paged(k_cache, page)
+    vb, _ = paged(v_cache, page)
+    k_cache, v_cache = k_cache.to(DEVICE), v_cache.to(DEVICE)
     ours = lambda: flashattn_ext.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens)  # noqa: E731
-    t_ours = median_time(ours, repeats)
+    t_ours = timed(ours, repeats)
     # torch SDPA on the same tensors in its (B, H, S, D) layout (strided views of the cache).
     qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=Hq != Hk)  # noqa: E731
-    t_sdpa = median_time(sdpa, repeats)
+    t_sdpa = timed(sdpa, repeats)
     dense = lambda: flashattn_ext.flash_attn_func(q, k_cache, v_cache)  # noqa: E731
-    t_dense = median_time(dense, repeats)
+    t_dense = timed(dense, repeats)
     rows.append(("contiguous", t_ours, t_sdpa, t_dense))
-    kb, table = paged(k_cache, page)
-    vb, _ = paged(v_cache, page)
     del k_cache, v_cache, kt, vt
-    t_paged = median_time(lambda: flashattn_ext.flash_attn_with_kvcache(q, kb, vb, cache_seqlens=seqlens,
+    t_paged = timed(lambda: flashattn_ext.flash_attn_with_kvcache(q, kb, vb, cache_seqlens=seqlens,
                                                                         block_table=table), repeats)
     rows.append((f"paged{page}", t_paged, t_sdpa, t_dense))
     out = []
@@ -79,9 +91,9 @@ def decode_case(B, S, Hq, Hk, D, dtype, repeats, bw, peak, page=256):
 def varlen_case(lengths, H, D, dtype, repeats):
     g = torch.Generator().manual_seed(0)
     total = sum(lengths)
-    q, k, v = (torch.randn(total, H, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
-    grad = torch.randn(total, H, D, generator=g).to(dtype)
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = (torch.randn(total, H, D, generator=g).to(dtype).to(DEVICE).requires_grad_() for _ in range(3))
+    grad = torch.randn(total, H, D, generator=g).to(dtype).to(DEVICE)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     mx = max(lengths)
 
     def varlen():
@@ -108,8 +120,8 @@ def varlen_case(lengths, H, D, dtype, repeats):
                 out = flashattn_ext.flash_attn_func(qs, ks, vs, causal=True)
                 torch.autograd.grad(out, (qs, ks, vs), gs)
 
-    t_varlen = median_time(varlen, repeats)
-    t_dense = median_time(dense, repeats)
+    t_varlen = timed(varlen, repeats)
+    t_dense = timed(dense, repeats)
     return t_varlen, t_dense
 
 
@@ -117,16 +129,21 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    global DEVICE
+    DEVICE = args.device
     repeats = 2 if args.quick else args.repeats
     S, S_long = (512, 2048) if args.quick else (4096, 32768)
     print("command:", " ".join([os.path.basename(sys.executable)] + sys.argv))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
-          f"build {flashattn_ext.build_info().get('cpu_gemm')}")
-    peaks = machine_peaks(repeats)
+    where = (torch.cuda.get_device_name(DEVICE) if DEVICE != "cpu" else
+             f"{torch.get_num_threads()} threads, {platform.machine()}, build {flashattn_ext.build_info().get('cpu_gemm')}")
+    print(f"torch {torch.__version__}, device {DEVICE}: {where}")
+    peaks = machine_peaks(repeats, DEVICE)
     bw = peaks["read_gbs"]
-    print("read bandwidth (sum of a 1 GiB fp32 tensor): {read_gbs:.1f} GB/s; compute roofs: bf16 mm (2048^3) "
-          "{bf16_mm_gflops:.0f}, fp32 GEMM hot tile {fp32_hot_tile_gflops:.0f} GFLOP/s\n".format(**peaks))
+    print(f"read bandwidth (sum of a large fp32 tensor): {bw:.1f} GB/s; compute roofs (GFLOP/s): bf16 mm "
+          f"{compute_peak(peaks, 'bf16'):.0f}, fp32 {compute_peak(peaks, 'fp32'):.0f} "
+          f"({'the GEMM micro-kernel on a hot tile' if DEVICE == 'cpu' else 'mm'})\n")
     print("decode: 1 query token, full cache, D=128; GB/s counts K and V once; share = GB/s / read bandwidth; "
           "roof = roofline time / ours")
     header = (f"{'case':<28} {'dtype':<5} {'layout':<10} {'MB':>7} {'ours ms':>8} {'GB/s':>6} {'share':>6} "
@@ -136,6 +153,8 @@ def main():
     cases = [("MHA B=4 Hq=Hk=32", 4, S, 32, 32), ("GQA B=4 Hq=32 Hk=8", 4, S, 32, 8),
              ("GQA B=16 Hq=32 Hk=8 S=512", 16, 512, 32, 8), (f"GQA B=1 Hq=32 Hk=8 S={S_long}", 1, S_long, 32, 8),
              ("MQA B=4 Hq=32 Hk=1", 4, S, 32, 1), (f"MQA B=1 Hq=32 Hk=1 S={S_long}", 1, S_long, 32, 1)]
+    if DEVICE != "cpu" and not args.quick:  # a batch that fills the GPU's bandwidth (1 GiB of bf16 K/V)
+        cases.append(("GQA B=32 Hq=32 Hk=8 S=8192", 32, 8192, 32, 8))
     for name, B, s, Hq, Hk in cases:
         label = name if "S=" in name else f"{name} S={s}"
         for dname, dtype in DTYPES.items():

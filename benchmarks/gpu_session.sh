@@ -22,13 +22,15 @@
 #     sanitize_small    compute-sanitizer memcheck on 3 small configurations            ~1 min
 #     quick             bench_attention.py --quick: D=128; S 1k, 4k, 16k; fwd and fwd+bwd;
 #                       causal and not; ours vs torch's FLASH and CUDNN                 ~1.5 min
-#   second = build test sanitize masked sparse bench128
+#   second = build test sanitize masked sparse decode bench128
 #     build             every bucket and dtype (TORCH_CUDA_ARCH_LIST=9.0a)             ~3-5 min cold
 #     test              the whole pytest suite                                          ~4 min
 #     sanitize          memcheck (all), racecheck and synccheck (one head dim each)     ~4 min
 #     bench128, bench64, bench256, bench   bench_attention.py per head dim (~4 min each)
 #     masked            bench_masked.py: padding / 4-D float masks vs EFFICIENT, CUDNN; dropout  ~2 min
 #     sparse            bench_sparse.py: density sweep vs dense and FlexAttention; 64K window     ~4 min
+#     decode            bench_decode.py: kvcache decode (contiguous, paged) vs SDPA, GB/s vs the
+#                       GPU's read bandwidth; varlen fwd+bwd vs dense                   ~1 min
 # (FlexAttention compiles once per shape, which dominates its benchmarks' time.)
 # PYTEST_EXTRA="-k test_cuda" narrows the test stages.
 # Logs go to $OUT (if set, else build/gpu_session/): build.log, test.log, sanitize.log, bench.log,
@@ -146,7 +148,7 @@ for stage in "${STAGES[@]}"; do
           stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py tests/test_cuda_sm90.py tests/test_cuda_varlen.py tests/test_cuda_kvcache.py; stage_sanitize small;
         stage_bench --quick; } || status=1 ;;
     second) { stage_build && stage_test; stage_sanitize; stage_script bench_masked; stage_script bench_sparse;
-              stage_bench --headdims 128; } || status=1 ;;
+              stage_script bench_decode; stage_bench --headdims 128; } || status=1 ;;
     build_restricted) FLASHATTN_CUDA_HEADDIMS=64,128 FLASHATTN_CUDA_DTYPES=bf16,fp16 TORCH_CUDA_ARCH_LIST=9.0a \
                         stage_build || status=1 ;;
     test_restricted) stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py tests/test_cuda_sm90.py tests/test_cuda_varlen.py tests/test_cuda_kvcache.py || status=1 ;;
@@ -164,6 +166,7 @@ for stage in "${STAGES[@]}"; do
     quick) stage_bench --quick || status=1 ;;
     masked) stage_script bench_masked || status=1 ;;
     sparse) stage_script bench_sparse || status=1 ;;
+    decode) stage_script bench_decode || status=1 ;;
     all) { stage_build && stage_test; stage_sanitize; stage_bench --headdims 128; } || status=1 ;;
     *) echo "unknown stage $stage (first|second|hopper|build_restricted|test_restricted|sanitize_small|build|test|sanitize|bench|bench64|bench128|bench256|quick|masked|sparse|all)"; status=2 ;;
   esac

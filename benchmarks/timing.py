@@ -5,8 +5,18 @@ import statistics
 import time
 
 
-def median_time(fn, repeats, warmup=1):
-    """Median wall time of fn() in seconds over `repeats` calls, after `warmup` untimed ones."""
+def median_time(fn, repeats, warmup=1, device="cpu"):
+    """Median wall time of fn() in seconds over `repeats` calls, after `warmup` untimed ones; on a
+    CUDA device each call is waited for (torch.cuda.synchronize)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        call = fn
+
+        def fn():
+            call()
+            torch.cuda.synchronize()
+
     for _ in range(warmup):
         fn()
     times = []
