@@ -31,19 +31,17 @@ def machine_peaks(repeats, device="cpu"):
     """GFLOP/s and GB/s roofs, measured now (machines differ from day to day): torch.mm on 2048³,
     the GEMM micro-kernel the CPU kernels use on a hot 64×64×128 tile (all threads), read bandwidth.
     On a GPU: torch.mm on 8192³ (fp32 without TF32) and the read bandwidth of a 4 GiB sum."""
-    if device != "cpu":
-        return {
-            "bf16_mm_gflops": mm_peak(torch.bfloat16, repeats, n=8192, device=device),
-            "fp32_mm_gflops": mm_peak(torch.float32, repeats, n=8192, device=device),
-            "read_gbs": read_bandwidth(repeats, gib=4.0, device=device),
-        }
-    return {
-        "bf16_mm_gflops": mm_peak(torch.bfloat16, repeats),
-        "fp32_mm_gflops": mm_peak(torch.float32, repeats),
-        "bf16_hot_tile_gflops": flashattn_ext._C._cpu_gemm_hot_tile_gflops(True, 64, 64, 128, 20000),
-        "fp32_hot_tile_gflops": flashattn_ext._C._cpu_gemm_hot_tile_gflops(False, 64, 64, 128, 20000),
-        "read_gbs": read_bandwidth(repeats),
+    cpu = device == "cpu"
+    n, gib = (2048, 1.0) if cpu else (8192, 4.0)
+    peaks = {
+        "bf16_mm_gflops": mm_peak(torch.bfloat16, repeats, n=n, device=device),
+        "fp32_mm_gflops": mm_peak(torch.float32, repeats, n=n, device=device),
+        "read_gbs": read_bandwidth(repeats, gib=gib, device=device),
     }
+    if cpu:
+        peaks["bf16_hot_tile_gflops"] = flashattn_ext._C._cpu_gemm_hot_tile_gflops(True, 64, 64, 128, 20000)
+        peaks["fp32_hot_tile_gflops"] = flashattn_ext._C._cpu_gemm_hot_tile_gflops(False, 64, 64, 128, 20000)
+    return peaks
 
 
 def compute_peak(peaks, dtype_name):

@@ -129,19 +129,21 @@ void decode_direct(const KvCacheParams& kp) {
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
       std::fill(o.begin(), o.end(), 0.f);
+      // The keys of the block from col0 on: up to block_n, never past the split's end or a page.
+      auto block_cols = [&](int64_t col0) -> int64_t {
+        const int64_t n = std::min(block_n, end - col0);
+        return kp.block_table && n > 0 ? std::min(n, kp.page_block_size - col0 % kp.page_block_size) : n;
+      };
 
       for (int64_t col0 = begin, cols; col0 < end; col0 += cols) {
-        cols = std::min(block_n, end - col0);
-        if (kp.block_table) cols = std::min(cols, kp.page_block_size - col0 % kp.page_block_size);
+        cols = block_cols(col0);
         const TileShape t{0, seqlen_q, col0, cols};
         const TileMasking tm = tile_masking(ps, heads[0], t);
         if (!tm.visible) continue;
         const scalar_t* k_block = k_base + key_offset(col0, a.k_batch_stride, a.k_row_stride);
         const scalar_t* v_block = v_base + key_offset(col0, a.v_batch_stride, a.v_row_stride);
         // The next block's keys and values: each kernel asks for its kv head's rows of it.
-        const int64_t next0 = col0 + cols;
-        int64_t next_cols = std::min(block_n, end - next0);
-        if (kp.block_table && next_cols > 0) next_cols = std::min(next_cols, kp.page_block_size - next0 % kp.page_block_size);
+        const int64_t next0 = col0 + cols, next_cols = block_cols(next0);
         auto next_rows = [&](const scalar_t* base, int64_t batch_stride, int64_t head_stride, int64_t row_stride,
                              int64_t hk, int64_t len) {
           if (next_cols <= 0) return NextRows{};
