@@ -122,6 +122,23 @@ struct AttentionParams {
   const int32_t* seqused_k = nullptr;
   int64_t total_q = 0;
   int64_t seq_row0 = 0;  // set by select_sequence: the sequence's first packed query row
+
+  // Split-KV (flash-decoding; the CUDA varlen forward): with num_splits > 1 each (query block,
+  // sequence, head) runs as num_splits blocks, split s taking its share of the key blocks, and
+  // writes its O (fp32, normalised by its own sum) and lse to partial_out / partial_lse at row
+  // split_row(p, s, r) (r a per-row-array index; partial_out rows are headdim_v floats). A combine
+  // kernel merges them into out and lse with the weights exp(lse_s - lse).
+  int32_t num_splits = 1;
+  float* partial_out = nullptr;
+  float* partial_lse = nullptr;
+
+  // Paged K/V (the CUDA varlen forward over a KV cache): with block_table set, key row n of
+  // sequence b lies in page block_table[b * block_table_batch_stride + n / page_block_size], row
+  // n % page_block_size, and k_batch_stride / v_batch_stride are the page strides (the sequence's
+  // cu_seqlens_k start row is 0). page_block_size is a multiple of the kernel's key block.
+  const int32_t* block_table = nullptr;
+  int64_t block_table_batch_stride = 0;
+  int64_t page_block_size = 0;
 };
 
 struct AttentionGradParams : AttentionParams {
@@ -159,6 +176,10 @@ FLASHATTN_HOST_DEVICE int64_t row_array_rows(const AttentionParams& p) {
 template <bool kVarlen>
 FLASHATTN_HOST_DEVICE int64_t row_array_offset(const AttentionParams& p, int64_t b, int64_t h) {
   return kVarlen ? h * p.total_q + p.seq_row0 : (b * p.num_heads + h) * p.seqlen_q;
+}
+// Row r of the per-row arrays in split s's part of partial_lse / partial_out.
+FLASHATTN_HOST_DEVICE int64_t split_row(const AttentionParams& p, int64_t split, int64_t r) {
+  return split * row_array_rows(p) + r;
 }
 
 FLASHATTN_HOST_DEVICE int64_t dtype_bytes(DType t) {

@@ -46,6 +46,11 @@ bool runs_cuda_kernels(const at::Tensor& q);
 // The params' lse pointer: lse64 for a float64 lse, else lse.
 void set_lse(AttentionParams& p, const at::Tensor& lse);
 
+// A paged cache's block_table checked (int32, on q's device, (batch, >= 1 pages), entries index the
+// cache's num_blocks pages; `cache` names it in errors) and read into host memory (ops_kvcache.cpp).
+at::Tensor checked_block_table(const at::Tensor& block_table, int64_t batch, int64_t num_blocks, const char* cache,
+                               const at::Tensor& q);
+
 // The CUDA kernels' forward (a GPU, or the emulator) on packed (rows, heads, dim) q/k/v/out in one
 // launch (ops_varlen.cpp): sequence b has query rows [cu_q[b], cu_q[b + 1]) and key rows
 // [cu_k[b], cu_k[b + 1]), or [cu_k[b], cu_k[b] + used_k[b]) when used_k is given (cu_k then holds
@@ -55,8 +60,24 @@ struct PackedSequences {
   at::Tensor cu_q, cu_k, used_k;
   int64_t longest_q = 0, longest_k = 0;
 };
+// A KV cache for cuda_packed_forward (ops_kvcache.cpp): a paged cache read in place (block_table,
+// int32 (batch, pages); k / v are then the pages seen as rows, (num_blocks * page, heads_k, dim),
+// with s.cu_k all 0) and the split-KV count asked for (0: the kernels' plan chooses).
+struct PackedCache {
+  at::Tensor block_table;
+  int64_t page_block_size = 0, k_page_stride = 0, v_page_stride = 0;
+  int64_t num_splits = 1;
+};
 void cuda_packed_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const PackedSequences& s,
-                         const AttentionOptions& o, at::Tensor& out, at::Tensor& lse, at::Tensor& rng_state);
+                         const AttentionOptions& o, at::Tensor& out, at::Tensor& lse, at::Tensor& rng_state,
+                         const PackedCache* cache = nullptr);
+// The kernels' split-KV / paging plan for that call (cuda/launch.h fwd_split_plan): a paged cache
+// whose page size is a multiple of page_multiple (> 0) is read in place, otherwise gathered first.
+struct SplitPlan {
+  int num_splits = 1, page_multiple = 0;
+};
+SplitPlan cuda_packed_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const PackedSequences& s,
+                           const AttentionOptions& o, int64_t requested_splits);
 
 // The op layer's checks of (..., heads, seq, dim) query/key/value and the options, and the kernels'
 // dtype tag: for other ops' layers (ops_varlen.cpp, ops_kvcache.cpp).
@@ -84,6 +105,7 @@ void cuda_kernels_forward(AttentionParams& p, const at::Tensor& q, const at::Ten
 void cuda_kernels_backward(AttentionGradParams& p, const at::Tensor& q, const at::Tensor& lse,
                            const at::Tensor& rng_state);
 at::Tensor cuda_kernels_dropout_mask(AttentionParams& p, const at::Tensor& q, const at::Tensor& rng_state);
+SplitPlan cuda_kernels_split_plan(const AttentionParams& p, const at::Tensor& q, int64_t requested_splits);
 
 // csrc/ops_emulated.cpp: the CUDA kernels on the host emulator, for CPU tensors while a test has
 // switched it on (flashattn_ext.testing.emulated_cuda). emulator_load returns "" or why it failed.
@@ -97,12 +119,14 @@ std::string emulator_selftest(const std::string& name, int schedule);  // the re
 void emulated_forward(AttentionParams& p, at::Tensor& rng_state);
 void emulated_backward(AttentionGradParams& p, const at::Tensor& rng_state);
 at::Tensor emulated_dropout_mask(AttentionParams& p, const at::Tensor& rng_state);
+SplitPlan emulated_split_plan(const AttentionParams& p, int64_t requested_splits);
 
 #ifdef FLASHATTN_WITH_CUDA
 // csrc/ops_cuda.cpp: run the CUDA kernels on the current stream of q's device.
 void cuda_forward(AttentionParams& p, const at::Tensor& q, at::Tensor& rng_state);
 void cuda_backward(AttentionGradParams& p, const at::Tensor& q, const at::Tensor& rng_state);
 at::Tensor cuda_dropout_mask(AttentionParams& p, const at::Tensor& rng_state);
+SplitPlan cuda_split_plan(const AttentionParams& p, const at::Tensor& q, int64_t requested_splits);
 // (seed, offset) for a dropout call, drawn from torch's CUDA generator (graph-capture aware).
 void cuda_draw_philox(AttentionParams& p, const at::Tensor& rng_state);
 // Whether the current stream of t's device is capturing a CUDA graph (host reads of device

@@ -109,6 +109,13 @@ at::Tensor cuda_dropout_mask(AttentionParams& p, const at::Tensor& rng_state) {
   return keep.view(at::kBool);
 }
 
+SplitPlan cuda_split_plan(const AttentionParams& p, const at::Tensor& q, int64_t requested_splits) {
+  c10::cuda::CUDAGuard guard(q.device());
+  const Device d = current(q);
+  const cuda::FwdSplitPlan plan = cuda::fwd_split_plan(p, static_cast<int>(requested_splits), d.major, d.minor);
+  return {plan.num_splits, plan.page_multiple};
+}
+
 const char* cuda_build_archs() { return cuda::compiled_archs(); }
 const char* cuda_build_headdims() { return cuda::compiled_headdims(); }
 const char* cuda_build_dtypes() { return cuda::compiled_dtypes(); }

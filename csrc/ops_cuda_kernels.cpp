@@ -51,6 +51,15 @@ void cuda_kernels_backward(AttentionGradParams& p, const at::Tensor& q, const at
   backward_on_device(p, q, rng_state);
 }
 
+SplitPlan cuda_kernels_split_plan(const AttentionParams& p, const at::Tensor& q, int64_t requested_splits) {
+  if (q.is_cpu()) return emulated_split_plan(p, requested_splits);
+#ifdef FLASHATTN_WITH_CUDA
+  return cuda_split_plan(p, q, requested_splits);
+#else
+  TORCH_CHECK(false, "flashattn_ext was built without CUDA support");
+#endif
+}
+
 at::Tensor cuda_kernels_dropout_mask(AttentionParams& p, const at::Tensor& q, const at::Tensor& rng_state) {
   if (q.is_cpu()) return emulated_dropout_mask(p, rng_state);
 #ifdef FLASHATTN_WITH_CUDA

@@ -138,4 +138,12 @@ at::Tensor emulated_dropout_mask(AttentionParams& p, const at::Tensor& rng_state
   return keep.view(at::kBool);
 }
 
+SplitPlan emulated_split_plan(const AttentionParams& p, int64_t requested_splits) {
+  Emulator& e = emulator();
+  std::lock_guard<std::mutex> lock(e.mutex);
+  SplitPlan plan;
+  api().fwd_split_plan(&p, static_cast<int>(requested_splits), &e.options, &plan.num_splits, &plan.page_multiple);
+  return plan;
+}
+
 }  // namespace flashattn

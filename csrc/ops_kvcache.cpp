@@ -37,6 +37,28 @@ at::Tensor int_vector(const std::optional<at::Tensor>& t, const char* name, int6
   return t->to(at::kLong).cpu().contiguous();
 }
 
+}  // namespace
+
+at::Tensor checked_block_table(const at::Tensor& block_table, int64_t batch, int64_t num_blocks, const char* cache,
+                               const at::Tensor& q) {
+  TORCH_CHECK_TYPE(block_table.scalar_type() == at::kInt, "flashattn_ext: block_table must be int32, got ",
+                   block_table.scalar_type());
+  TORCH_CHECK_VALUE(block_table.device() == q.device(), "flashattn_ext: block_table must be on the device of q and ",
+                    cache, " (", q.device(), "), got ", block_table.device());
+  TORCH_CHECK_VALUE(block_table.dim() == 2 && block_table.size(0) == batch && block_table.size(1) >= 1,
+                    "flashattn_ext: block_table must have shape (batch, max_blocks_per_seq) with batch = ", batch,
+                    ", got ", block_table.sizes());
+  at::Tensor table = block_table.cpu().contiguous();
+  if (table.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(table);
+    TORCH_CHECK_VALUE(lo.item<int>() >= 0 && hi.item<int>() < num_blocks, "flashattn_ext: block_table entries must index ",
+                      cache, "'s ", num_blocks, " blocks, got values in [", lo.item<int>(), ", ", hi.item<int>(), "]");
+  }
+  return table;
+}
+
+namespace {
+
 // x (batch, seq, heads, dim) rotated by rotary_cos/sin (seqlen_ro, rotary_dim / 2) at positions
 // start[b] + t (per_row) or start[b]; the dims past rotary_dim unchanged. In the accumulation type.
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& start,
@@ -63,50 +85,92 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 
 // The CUDA kernels (a GPU, or the host emulator): the varlen forward over the cache in one launch,
 // query rows (batch * seqlen_q) against key rows [start[b], start[b] + seqlens_k[b]) of the cache
-// seen as (rows, heads_k, dim). A paged cache is first gathered into rows per sequence (a copy of
-// the pages in block_table: the page-aware kernel is not written yet); no split-KV yet.
-void cuda_kvcache_attention(const at::Tensor& q, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& table,
-                            const at::Tensor& seqlens_k, const at::Tensor& batch_idx, const at::Tensor& leftpad,
-                            const AttentionOptions& o, at::Tensor& out, at::Tensor& lse) {
+// seen as (rows, heads_k, dim), split-KV as the kernels' plan says (cuda/launch.h fwd_split_plan).
+// A paged cache is read in place where its page size is a multiple of the kernels' key block
+// (block_table followed per key block); otherwise (and on the SIMT path) its pages are gathered
+// into rows per sequence first.
+void cuda_cache_forward(const at::Tensor& q, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& table,
+                        const at::Tensor& seqlens_k, const at::Tensor& batch_idx, const at::Tensor& leftpad,
+                        const AttentionOptions& o, int64_t num_splits, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), Hk = k_cache.size(2);
-  int64_t rows_per_seq = 0;  // cache rows between consecutive batch entries
-  if (table.defined()) {
-    const at::Tensor pages = table.flatten().to(q.device(), at::kLong);
-    rows_per_seq = table.size(1) * k_cache.size(1);
-    k_cache = k_cache.index_select(0, pages).view({B, rows_per_seq, Hk, k_cache.size(3)});
-    v_cache = v_cache.index_select(0, pages).view({B, rows_per_seq, Hk, v_cache.size(3)});
-  } else {
-    const auto ratio = [](const at::Tensor& c) {
-      return c.stride(1) <= 0 || c.stride(0) % c.stride(1) != 0 ? -1 : c.stride(0) / c.stride(1);
-    };
-    // Rows of (rows, heads_k, dim) must step through both caches alike.
-    if (ratio(k_cache) < 0 || ratio(k_cache) != ratio(v_cache))
-      k_cache = k_cache.contiguous(), v_cache = v_cache.contiguous();
-    rows_per_seq = ratio(k_cache);
-  }
-  const auto rows = [&](const at::Tensor& c) {  // (rows, heads_k, dim) over the whole cache
-    return c.as_strided({(c.size(0) - 1) * rows_per_seq + c.size(1), c.size(2), c.size(3)},
-                        {c.stride(1), c.stride(2), c.stride(3)}, c.storage_offset());
-  };
+  const at::Tensor q_rows = q.flatten(0, 1);
   at::Tensor cu_q = at::arange(B + 1, at::kInt) * static_cast<int32_t>(Sq);
-  TORCH_CHECK_VALUE((k_cache.size(0) - 1) * rows_per_seq + k_cache.size(1) <= std::numeric_limits<int32_t>::max(),
-                    "flashattn_ext: the CUDA kvcache path addresses cache rows with int32; this cache has more rows");
-  at::Tensor cu_k = at::zeros({B + 1}, at::kInt);  // start rows (the last entry is not read)
   const int32_t* used = seqlens_k.data_ptr<int32_t>();
-  int64_t longest_k = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t row = batch_idx.defined() ? batch_idx.data_ptr<int64_t>()[b] : b;
-    cu_k.data_ptr<int32_t>()[b] =
-        static_cast<int32_t>(row * rows_per_seq + (leftpad.defined() ? leftpad.data_ptr<int64_t>()[b] : 0));
-    longest_k = std::max<int64_t>(longest_k, used[b]);
-  }
+  const int64_t longest_k = B > 0 ? *std::max_element(used, used + B) : 0;
   PackedSequences s;
-  s.cu_q = cu_q, s.cu_k = cu_k, s.used_k = seqlens_k, s.longest_q = Sq, s.longest_k = longest_k;
+  s.cu_q = cu_q, s.used_k = seqlens_k, s.longest_q = Sq, s.longest_k = longest_k;
+  PackedCache cache;
+  cache.num_splits = num_splits;
   at::Tensor out_rows = out.view({B * Sq, Hq, out.size(3)});
   at::Tensor lse_rows = at::empty({Hq, B * Sq}, lse.options());
   at::Tensor rng_state = at::zeros({2}, q.options().dtype(at::kLong));
-  cuda_packed_forward(q.flatten(0, 1), rows(k_cache), rows(v_cache), s, o, out_rows, lse_rows, rng_state);
+  // (rows, heads_k, dim) views starting at the cache's first element; `rows` of them.
+  const auto row_view = [](const at::Tensor& c, int64_t rows, int64_t row_stride) {
+    return c.as_strided({rows, c.size(2), c.size(3)}, {row_stride, c.stride(2), c.stride(3)}, c.storage_offset());
+  };
+  // Pages seen as rows: a page stride that is a whole number of row strides, alike in k and v.
+  const auto page_ratio = [](const at::Tensor& c) {
+    return c.stride(1) <= 0 || c.stride(0) % c.stride(1) != 0 ? -1 : c.stride(0) / c.stride(1);
+  };
+  if (table.defined()) {
+    const int64_t page = k_cache.size(1);
+    s.cu_k = at::zeros({B + 1}, at::kInt);
+    if (page_ratio(k_cache) < 0 || page_ratio(v_cache) < 0) k_cache = k_cache.contiguous(), v_cache = v_cache.contiguous();
+    const at::Tensor k_pages = row_view(k_cache, page, k_cache.stride(1)), v_pages = row_view(v_cache, page, v_cache.stride(1));
+    const SplitPlan plan = cuda_packed_plan(q_rows, k_pages, v_pages, s, o, num_splits);
+    if (plan.page_multiple > 0 && page % plan.page_multiple == 0) {
+      cache.block_table = table, cache.page_block_size = page;
+      cache.k_page_stride = k_cache.stride(0), cache.v_page_stride = v_cache.stride(0);
+      cuda_packed_forward(q_rows, k_pages, v_pages, s, o, out_rows, lse_rows, rng_state, &cache);
+      lse.copy_(lse_rows.view({Hq, B, Sq}).transpose(0, 1));
+      return;
+    }
+    // Gathered: batch b's pages become rows [b * rows_per_seq, (b + 1) * rows_per_seq).
+    const at::Tensor pages = table.flatten().to(q.device(), at::kLong);
+    const int64_t rows_per_seq = table.size(1) * page;
+    k_cache = k_cache.index_select(0, pages).view({B, rows_per_seq, Hk, k_cache.size(3)});
+    v_cache = v_cache.index_select(0, pages).view({B, rows_per_seq, Hk, v_cache.size(3)});
+  }
+  // Rows of (rows, heads_k, dim) must step through both caches alike.
+  if (page_ratio(k_cache) < 0 || page_ratio(k_cache) != page_ratio(v_cache))
+    k_cache = k_cache.contiguous(), v_cache = v_cache.contiguous();
+  const int64_t rows_per_seq = page_ratio(k_cache), total_rows = (k_cache.size(0) - 1) * rows_per_seq + k_cache.size(1);
+  TORCH_CHECK_VALUE(total_rows <= std::numeric_limits<int32_t>::max(),
+                    "flashattn_ext: the CUDA kvcache path addresses cache rows with int32; this cache has more rows");
+  s.cu_k = at::zeros({B + 1}, at::kInt);  // start rows (the last entry is not read)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t row = batch_idx.defined() ? batch_idx.data_ptr<int64_t>()[b] : b;
+    s.cu_k.data_ptr<int32_t>()[b] =
+        static_cast<int32_t>(row * rows_per_seq + (leftpad.defined() ? leftpad.data_ptr<int64_t>()[b] : 0));
+  }
+  cuda_packed_forward(q_rows, row_view(k_cache, total_rows, k_cache.stride(1)),
+                      row_view(v_cache, total_rows, v_cache.stride(1)), s, o, out_rows, lse_rows, rng_state, &cache);
   lse.copy_(lse_rows.view({Hq, B, Sq}).transpose(0, 1));
+}
+
+// GQA packing (flash-decoding's, as flash-attn does it): where no query row's mask depends on
+// its position or head (no ALiBi; no window, or one query token, whose bottom-right band holds
+// every key), the g = heads / heads_k query heads of a kv head are its rows: q (B, Sq, Hq, D)
+// becomes (B, Sq * g, Hk, D), so one tile reads each K/V element once for the whole group.
+void cuda_kvcache_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& table, const at::Tensor& seqlens_k, const at::Tensor& batch_idx,
+                            const at::Tensor& leftpad, const AttentionOptions& o, int64_t num_splits, at::Tensor& out,
+                            at::Tensor& lse) {
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3), Hk = k_cache.size(2), g = Hq / Hk;
+  const bool alibi = o.alibi_slopes && o.alibi_slopes->defined();
+  const bool banded = o.window_left >= 0 || (Sq > 1 && o.window_right >= 0);
+  if (g == 1 || alibi || banded)
+    return cuda_cache_forward(q, k_cache, v_cache, table, seqlens_k, batch_idx, leftpad, o, num_splits, out, lse);
+  AttentionOptions packed = o;
+  packed.window_left = packed.window_right = -1;
+  const int64_t Dv = out.size(3);
+  at::Tensor q_packed = q.view({B, Sq, Hk, g, D}).permute({0, 1, 3, 2, 4}).reshape({B, Sq * g, Hk, D}).contiguous();
+  at::Tensor out_packed = at::empty({B, Sq * g, Hk, Dv}, out.options());
+  at::Tensor lse_packed = at::empty({B, Hk, Sq * g}, lse.options());
+  cuda_cache_forward(q_packed, k_cache, v_cache, table, seqlens_k, batch_idx, leftpad, packed, num_splits, out_packed,
+                     lse_packed);
+  out.copy_(out_packed.view({B, Sq, g, Hk, Dv}).permute({0, 1, 3, 2, 4}).reshape({B, Sq, Hq, Dv}));
+  lse.copy_(lse_packed.view({B, Hk, Sq, g}).permute({0, 1, 3, 2}).reshape({B, Hq, Sq}));
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_kvcache_op(
@@ -168,20 +232,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_op(
   at::Tensor table;
   int64_t page = 0, capacity = k_cache.size(1);
   if (paged) {
-    TORCH_CHECK_TYPE(block_table->scalar_type() == at::kInt, "flashattn_ext: block_table must be int32, got ",
-                     block_table->scalar_type());
-    TORCH_CHECK_VALUE(block_table->dim() == 2 && block_table->size(0) == B && block_table->size(1) >= 1,
-                      "flashattn_ext: block_table must have shape (batch, max_blocks_per_seq) with batch = ", B,
-                      ", got ", block_table->sizes());
     TORCH_CHECK_VALUE(!batch_idx.defined() && !leftpad.defined(),
                       "flashattn_ext: cache_batch_idx and cache_leftpad are not supported with a paged cache (block_table)");
-    table = block_table->cpu().contiguous();
-    if (table.numel() > 0) {
-      const auto [lo, hi] = at::aminmax(table);
-      TORCH_CHECK_VALUE(lo.item<int>() >= 0 && hi.item<int>() < k_cache.size(0),
-                        "flashattn_ext: block_table entries must index k_cache's ", k_cache.size(0),
-                        " blocks, got values in [", lo.item<int>(), ", ", hi.item<int>(), "]");
-    }
+    table = checked_block_table(*block_table, B, k_cache.size(0), "k_cache", q);
     page = k_cache.size(1);
     capacity = page * table.size(1);
   } else if (batch_idx.defined()) {
@@ -262,7 +315,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_op(
   if (runs_cuda_kernels(q)) {
     AttentionOptions co = o;
     if (alibi.defined()) co.alibi_slopes = alibi;
-    cuda_kvcache_attention(q_used, k_cache, v_cache, table, seqlens_k.cpu(), batch_idx, leftpad, co, out, lse);
+    cuda_kvcache_attention(q_used, k_cache, v_cache, table, seqlens_k.cpu(), batch_idx, leftpad, co, num_splits, out,
+                           lse);
     return {out, lse};
   }
   KvCacheParams p;

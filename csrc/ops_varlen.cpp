@@ -48,6 +48,7 @@ bool capturing_cuda_graph(const at::Tensor& q) {
 #endif
 }
 
+// (total < 0: the rows are not known yet, nothing to match.)
 std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen,
                                      const char* max_name, const char* total_name) {
   TORCH_CHECK_VALUE(cu.defined(), "flashattn_ext: ", name, " must be a tensor");
@@ -64,7 +65,7 @@ std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, const char* name, int
     TORCH_CHECK_VALUE(offs[b] - offs[b - 1] <= max_seqlen, "flashattn_ext: ", max_name, " (", max_seqlen,
                       ") is smaller than sequence ", b - 1, " of ", name, " (length ", offs[b] - offs[b - 1], ")");
   }
-  TORCH_CHECK_VALUE(offs.back() == total, "flashattn_ext: the last entry of ", name, " (", offs.back(),
+  TORCH_CHECK_VALUE(total < 0 || offs.back() == total, "flashattn_ext: the last entry of ", name, " (", offs.back(),
                     ") must equal the number of rows of ", total_name, " (", total, ")");
   return offs;
 }
@@ -242,17 +243,54 @@ void cuda_varlen_bwd(const at::Tensor& go, const at::Tensor& q_in, const at::Ten
 
 }  // namespace
 
-void cuda_packed_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                         const PackedSequences& s, const AttentionOptions& o, at::Tensor& out, at::Tensor& lse,
-                         at::Tensor& rng_state) {
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  std::vector<at::Tensor> keep;
+namespace {
+// The forward's params of a packed call (pointers into q/k/v, out and lse still unset).
+AttentionParams packed_forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const PackedSequences& s, const AttentionOptions& o,
+                                      std::vector<at::Tensor>& keep) {
   AttentionParams p = base_params(q, k, v, o);
   set_cuda_packed(p, q, k, v, s, alibi_of(o), keep);
+  return p;
+}
+}  // namespace
+
+SplitPlan cuda_packed_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const PackedSequences& s,
+                           const AttentionOptions& o, int64_t requested_splits) {
+  std::vector<at::Tensor> keep;
+  return cuda_kernels_split_plan(packed_forward_params(q, k, v, s, o, keep), q, requested_splits);
+}
+
+void cuda_packed_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                         const PackedSequences& s, const AttentionOptions& o, at::Tensor& out, at::Tensor& lse,
+                         at::Tensor& rng_state, const PackedCache* cache) {
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  std::vector<at::Tensor> keep;
+  AttentionParams p = packed_forward_params(q, k, v, s, o, keep);
   p.out = out.data_ptr();
   set_packed_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
   set_lse(p, lse);
   if (p.total_q == 0 || p.num_heads == 0 || p.batch == 0) return;
+  at::Tensor partial_out, partial_lse;
+  if (cache != nullptr) {
+    if (cache->block_table.defined()) {
+      keep.push_back(cache->block_table.to(q.device(), at::kInt).contiguous());
+      p.block_table = keep.back().data_ptr<int32_t>();
+      p.block_table_batch_stride = keep.back().stride(0);
+      p.page_block_size = cache->page_block_size;
+      p.k_batch_stride = cache->k_page_stride, p.v_batch_stride = cache->v_page_stride;
+    }
+    const SplitPlan plan = cuda_kernels_split_plan(p, q, cache->num_splits);
+    TORCH_CHECK(!cache->block_table.defined() || (plan.page_multiple > 0 && cache->page_block_size % plan.page_multiple == 0),
+                "flashattn_ext: internal: a paged cache the CUDA kernels cannot read in place");
+    if (plan.num_splits > 1) {
+      const int64_t rows = plan.num_splits * row_array_rows(p);
+      partial_lse = at::empty({rows}, q.options().dtype(at::kFloat));
+      partial_out = at::empty({rows, p.headdim_v}, q.options().dtype(at::kFloat));
+      p.num_splits = plan.num_splits;
+      p.partial_lse = partial_lse.data_ptr<float>(), p.partial_out = partial_out.data_ptr<float>();
+      poison({partial_lse, partial_out});  // scratch: every element is written before the combine reads it
+    }
+  }
   cuda_kernels_forward(p, q, lse, rng_state);
 }
 
@@ -470,6 +508,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_autograd(
                     FLASHATTN_OPTIONS_FROM_PARAMS());
 }
 
+// flash_attn_varlen_func's block_table: the key rows of a paged K or V cache (num_blocks,
+// page_block_size, heads_k, dim) in packed order, (total_k, heads_k, dim): sequence b's rows
+// [cu_seqlens_k[b], cu_seqlens_k[b + 1]) are its positions 0 .. len - 1, position t in page
+// block_table[b][t / page_block_size], row t % page_block_size. A gather (index_select: autograd
+// reaches the pages); the varlen op then runs on the packed rows. `name` is the argument (k / v).
+at::Tensor varlen_paged_rows(const at::Tensor& cache, const at::Tensor& block_table, const at::Tensor& cu_k,
+                             c10::string_view name) {
+  const std::string arg(name);
+  TORCH_CHECK_VALUE(cache.dim() == 4, "flashattn_ext: with block_table, ", arg,
+                    " must be a paged cache (num_blocks, page_block_size, heads_k, headdim), got ", cache.sizes());
+  TORCH_CHECK_VALUE(cu_k.defined() && cu_k.device() == cache.device(), "flashattn_ext: cu_seqlens_k must be on ", arg,
+                    "'s device (", cache.device(), ")");
+  const std::vector<int64_t> offs = read_cu_seqlens(cu_k, "cu_seqlens_k", -1, std::numeric_limits<int64_t>::max(),
+                                                    "max_seqlen_k", arg.c_str());
+  const int64_t batch = static_cast<int64_t>(offs.size()) - 1, page = cache.size(1);
+  const at::Tensor table = checked_block_table(block_table, batch, cache.size(0), arg.c_str(), cache);
+  TORCH_CHECK_VALUE(page >= 1, "flashattn_ext: ", arg, " has pages of 0 rows");
+  const int32_t* t = table.data_ptr<int32_t>();
+  at::Tensor rows = at::empty({offs.back()}, at::kLong);
+  int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = offs[b + 1] - offs[b];
+    TORCH_CHECK_VALUE(len <= table.size(1) * page, "flashattn_ext: sequence ", b, " of cu_seqlens_k has ", len,
+                      " keys, more than block_table's ", table.size(1), " pages of ", page, " rows hold");
+    for (int64_t pos = 0; pos < len; ++pos) r[offs[b] + pos] = t[b * table.size(1) + pos / page] * page + pos % page;
+  }
+  return cache.flatten(0, 1).index_select(0, rows.to(cache.device()));
+}
+
 }  // namespace
 }  // namespace flashattn
 
@@ -480,6 +547,12 @@ TORCH_LIBRARY_FRAGMENT(flashattn_ext, m) {
   m.def("varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor rng_state, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k" FLASHATTN_OPTIONS_SCHEMA
         ") -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("varlen_paged_rows(Tensor cache, Tensor block_table, Tensor cu_seqlens_k, str name) -> Tensor");
+}
+
+// Composite (at:: ops only): autograd and every backend come with it.
+TORCH_LIBRARY_IMPL(flashattn_ext, CompositeImplicitAutograd, m) {
+  m.impl("varlen_paged_rows", &flashattn::varlen_paged_rows);
 }
 
 TORCH_LIBRARY_IMPL(flashattn_ext, CPU, m) {

@@ -23,11 +23,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cu_seqlens_q / cu_seqlens_k: int32 (batch + 1,), sequence b owns rows [cu[b], cu[b + 1]).
     max_seqlen_q / max_seqlen_k: at least the longest sequence. Zero-length sequences are allowed
     (a query with no key gets out = 0, lse = -inf). alibi_slopes: float32 (Hq,) or (batch, Hq).
+    block_table: int32 (batch, max_blocks_per_seq) with k, v paged caches (num_blocks,
+    page_block_size, Hk, D): sequence b's keys are its first cu_seqlens_k[b + 1] - cu_seqlens_k[b]
+    positions read through block_table[b] (gathered into packed rows first, so gradients reach the
+    pages; flash_attn_with_kvcache reads a paged cache in place).
     Returns out (total_q, Hq, Dv), with return_attn_probs also (lse, None).
     """
     if block_table is not None:
-        raise NotImplementedError("flashattn_ext.flash_attn_varlen_func: block_table (paged K/V) is not supported "
-                                  "yet; use flash_attn_with_kvcache for a paged cache")
+        k = _ops.varlen_paged_rows(k, block_table, cu_seqlens_k, "k")
+        v = _ops.varlen_paged_rows(v, block_table, cu_seqlens_k, "v")
     left, right = _band(causal, window_size, "flash_attn_varlen_func")
     out, lse, _ = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                   alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), scale=softmax_scale,

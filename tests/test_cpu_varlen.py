@@ -171,10 +171,73 @@ def test_varlen_bad_inputs_name_the_argument(change, match):
                                              alibi_slopes=a["alibi"])
 
 
-def test_varlen_rejects_block_table_for_now():
-    q = rand(4, 2, 16)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        flashattn_ext.flash_attn_varlen_func(q, q, q, cu([4]), cu([4]), 4, 4, block_table=torch.zeros(1, 1))
+def paged(x, lens, page, extra_blocks=3, seed=0):
+    """x (total, H, D) packed per cu(lens) -> a paged cache (num_blocks, page, H, D) with pages in
+    random order and a block_table (batch, max_pages); unused rows hold other random values."""
+    g = torch.Generator().manual_seed(seed)
+    pages_per_seq = [max(1, -(-n // page)) for n in lens]
+    width = max(pages_per_seq)
+    num_blocks = sum(pages_per_seq) + extra_blocks
+    order = torch.randperm(num_blocks, generator=g)
+    cache = torch.randn(num_blocks, page, *x.shape[1:], generator=g).to(x.dtype)
+    table = torch.zeros(len(lens), width, dtype=torch.int32)
+    start, used = 0, 0
+    for b, n in enumerate(lens):
+        for j in range(pages_per_seq[b]):
+            blk = int(order[used])
+            used += 1
+            table[b, j] = blk
+            rows = x[start + j * page:start + min(n, (j + 1) * page)]
+            cache[blk, :rows.shape[0]] = rows.detach()
+        start += n
+    return cache, table
+
+
+@pytest.mark.parametrize("page", [1, 16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_block_table_equals_packed(page, dtype):
+    """flash_attn_varlen_func with k, v paged through block_table: the same out as the packed
+    rows, and the gradients land in the pages the sequences use (zero elsewhere)."""
+    lens_q, lens_k = [3, 0, 17, 1], [40, 5, 17, 0]
+    H, Hk, D = 4, 2, 16
+    q = rand(sum(lens_q), H, D, dtype=dtype, requires_grad=True)
+    k, v = rand(sum(lens_k), Hk, D, dtype=dtype), rand(sum(lens_k), Hk, D, dtype=dtype)
+    k_cache, table = paged(k, lens_k, page)
+    v_cache, _ = paged(v, lens_k, page)
+    k_cache.requires_grad_(), v_cache.requires_grad_()
+    args = (cu(lens_q), cu(lens_k), max(lens_q), max(lens_k))
+    out = flashattn_ext.flash_attn_varlen_func(q, k_cache, v_cache, *args, causal=True, block_table=table)
+    kp, vp = k.clone().requires_grad_(), v.clone().requires_grad_()
+    ref = flashattn_ext.flash_attn_varlen_func(q, kp, vp, *args, causal=True)
+    assert torch.equal(out, ref)
+    g = rand(*out.shape, dtype=dtype)
+    dk_cache, dv_cache = torch.autograd.grad(out, (k_cache, v_cache), g)
+    dk, dv = torch.autograd.grad(ref, (kp, vp), g)
+    dk_back, _ = paged(dk, lens_k, page)
+    used = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    start = 0
+    for b, n in enumerate(lens_k):
+        for pos in range(n):
+            blk, row = int(table[b, pos // page]), pos % page
+            used[blk, row] = True
+            assert torch.equal(dk_cache[blk, row], dk[start + pos]) and torch.equal(dv_cache[blk, row], dv[start + pos])
+        start += n
+    assert (dk_cache[~used] == 0).all() and (dv_cache[~used] == 0).all()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(table=torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)), "block_table entries must index k's"),
+    (dict(table=torch.tensor([[0, 1], [2, 3]], dtype=torch.int64)), "block_table must be int32"),
+    (dict(table=torch.tensor([[0, 1]], dtype=torch.int32)), "block_table must have shape"),
+    (dict(table=torch.tensor([[0], [2]], dtype=torch.int32)), "more than block_table's 1 pages"),
+    (dict(k=rand(64, 2, 16)), "k must be a paged cache"),
+])
+def test_varlen_block_table_bad_inputs(change, match):
+    a = dict(q=rand(8, 2, 16), k=rand(5, 16, 2, 16), table=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32))
+    a.update(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        flashattn_ext.flash_attn_varlen_func(a["q"], a["k"], rand(5, 16, 2, 16), cu([4, 4]), cu([20, 30]), 4, 30,
+                                             block_table=a["table"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -2,9 +2,11 @@
 append in place, rotary, cache_batch_idx, cache_leftpad, a paged cache, GQA/MQA, causal / window /
 softcap / ALiBi, against the float64 reference on the gathered cache (tests/reference.py's
 reference_kvcache) within 2x the same math in the inputs' dtype (cuda_testing.assert_close).
-Outputs are poisoned before the kernels run. The CUDA path is the varlen forward over the cache's
-rows in one launch (ops_kvcache.cpp cuda_kvcache_attention); no split-KV, and a paged cache is
-gathered first.
+Outputs are poisoned before the kernels run (the split-KV scratch too). The CUDA path is the
+varlen forward over the cache's rows in one launch (ops_kvcache.cpp cuda_kvcache_attention):
+split-KV with a combine kernel (num_splits, or the plan's count for 0), the query heads of a KV
+group packed into one tile's rows where no mask depends on the row, a paged cache read in place
+where its page size is a multiple of the kernel's key block and gathered first otherwise.
 """
 
 import pytest
@@ -64,7 +66,7 @@ OPTIONS = {"plain": dict(), "causal": dict(causal=True), "window": dict(window_s
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32-simt"])
-@pytest.mark.parametrize("heads", [(4, 4), (4, 1)], ids=["mha", "mqa"])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("Sq,Sn", [(1, 1), (4, 3), (2, 0)])
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 def test_matches_reference(dtype, heads, Sq, Sn, options):
@@ -106,10 +108,12 @@ def test_strided_cache():
     check("strided", q, big_k[:, :250], big_v[:, :250], k, v, cache_seqlens, causal=True)
 
 
-@pytest.mark.parametrize("page", [16, 64])
-def test_paged_equals_contiguous(page):
+# Pages of 64 and 128 rows are read in place (the d = 64 kernels' key block is 64); 16 is gathered.
+@pytest.mark.parametrize("page", [16, 64, 128])
+@pytest.mark.parametrize("Sq,splits", [(2, 1), (1, 0), (1, 3)], ids=["causal-unsplit", "gqa-auto", "gqa-3"])
+def test_paged_equals_contiguous(page, Sq, splits):
     B, S, Hk = 3, 256, 2
-    q, k_cache, v_cache, k, v, cache_seqlens = make_case(torch.bfloat16, B=B, S=S, Hk=Hk, Sq=2, Sn=2)
+    q, k_cache, v_cache, k, v, cache_seqlens = make_case(torch.bfloat16, B=B, S=S, Hk=Hk, Sq=Sq, Sn=Sq)
     blocks_per_seq = S // page
     num_blocks = B * blocks_per_seq + 3
     block_table = torch.randperm(num_blocks)[:B * blocks_per_seq].view(B, blocks_per_seq).to(torch.int32).to(ct.DEV)
@@ -119,9 +123,10 @@ def test_paged_equals_contiguous(page):
             k_paged[block_table[b, j]] = k_cache[b, j * page:(j + 1) * page]
             v_paged[block_table[b, j]] = v_cache[b, j * page:(j + 1) * page]
     with poison_outputs():
-        ref = flashattn_ext.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=True)
+        ref = flashattn_ext.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=True,
+                                                    num_splits=splits)
         out = flashattn_ext.flash_attn_with_kvcache(q, k_paged, v_paged, k, v, cache_seqlens=cache_seqlens,
-                                                    block_table=block_table, causal=True)
+                                                    block_table=block_table, causal=True, num_splits=splits)
     for b in range(B):
         for j in range(blocks_per_seq):
             assert torch.equal(k_paged[block_table[b, j]], k_cache[b, j * page:(j + 1) * page])
@@ -129,8 +134,49 @@ def test_paged_equals_contiguous(page):
     assert torch.equal(out, ref)  # the same rows, tiles and order once gathered
 
 
-def test_empty_cache_gives_zero_and_minus_inf():
+@pytest.mark.parametrize("splits", [1, 3])
+def test_empty_cache_gives_zero_and_minus_inf(splits):
     q, k_cache, v_cache, _, _, _ = make_case(torch.bfloat16, Sn=0)
     seqlens = torch.tensor([0, 5, 0], dtype=torch.int32, device=ct.DEV)
-    out = check("empty", q, k_cache, v_cache, None, None, seqlens)
+    out = check("empty", q, k_cache, v_cache, None, None, seqlens, num_splits=splits)
     assert (out[0] == 0).all() and (out[2] == 0).all()
+
+
+# Split-KV: every count (1, a few, more than the key blocks, the plan's 0) matches the reference
+# and the unsplit result within rounding; with a window some splits see no key of a row (their
+# lse is -inf and must weigh nothing). S = 520: 9 key blocks of 64 (d = 64), the last one partial.
+SPLIT_CASES = {"gqa-decode": dict(Hq=8, Hk=2, Sq=1, Sn=1, options=dict(causal=True)),
+               "mqa-softcap": dict(Hq=4, Hk=1, Sq=1, Sn=0, options=dict(softcap=5.0)),
+               "mha-causal-4": dict(Hq=2, Hk=2, Sq=4, Sn=2, options=dict(causal=True)),
+               "gqa-window": dict(Hq=4, Hk=2, Sq=3, Sn=3, options=dict(causal=True, window_size=(100, 0)))}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
+def test_splits_agree(dtype, case):
+    case = dict(case)
+    options = case.pop("options")
+    q, k_cache, v_cache, k, v, cache_seqlens = make_case(dtype, B=2, S=520, **case)
+    cache_seqlens[1] = 130  # a short sequence: fewer key blocks than splits
+    outs = {n: check(f"splits={n}", q, k_cache, v_cache, k, v, cache_seqlens, num_splits=n, **options)
+            for n in (1, 2, 5, 0, 200)}
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    for n, out in outs.items():
+        assert (out.double() - outs[1].double()).abs().max() <= tol, f"num_splits={n} vs 1"
+
+
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_splits_head_dims(head_dim):
+    """Other key blocks (128 at d = 32, 64 at d = 128) and a paged cache read in place with splits."""
+    B, S, Hk, page = 2, 512, 2, 128
+    q, k_cache, v_cache, k, v, cache_seqlens = make_case(torch.bfloat16, B=B, S=S, Hq=8, Hk=Hk, D=head_dim)
+    check(f"d{head_dim} splits=3", q, k_cache, v_cache, k, v, cache_seqlens, num_splits=3, causal=True)
+    block_table = torch.randperm(B * S // page).view(B, S // page).to(torch.int32).to(ct.DEV)
+    k_paged = k_cache.view(B, S // page, page, Hk, head_dim).flatten(0, 1)[torch.argsort(block_table.flatten().cpu())]
+    v_paged = v_cache.view(B, S // page, page, Hk, head_dim).flatten(0, 1)[torch.argsort(block_table.flatten().cpu())]
+    with poison_outputs():
+        ref = flashattn_ext.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), k, v,
+                                                    cache_seqlens=cache_seqlens, num_splits=3, causal=True)
+        out = flashattn_ext.flash_attn_with_kvcache(q, k_paged, v_paged, k, v, cache_seqlens=cache_seqlens,
+                                                    block_table=block_table, num_splits=3, causal=True)
+    assert torch.equal(out, ref)

@@ -6,10 +6,14 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
+#include <cmath>
+#include <utility>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "grid.h"
 #include "kernel_configs.h"
 #include "launch.h"
 #include "launch_templates.h"
@@ -38,7 +42,7 @@ bool dtype_compiled(DType dtype) {
 
 // What a device offers the kernels, read once per (device, compute capability).
 struct DeviceLimits {
-  int smem_optin = 0, smem_per_sm = 0;
+  int smem_optin = 0, smem_per_sm = 0, sms = 0;
 };
 DeviceLimits device_limits(int sm_major, int sm_minor) {
   struct Entry {
@@ -54,7 +58,8 @@ DeviceLimits device_limits(int sm_major, int sm_minor) {
     if (e.device == device && e.major == sm_major && e.minor == sm_minor) return e.limits;
   DeviceLimits l;
   if (cudaDeviceGetAttribute(&l.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&l.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess)
+      cudaDeviceGetAttribute(&l.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
     return {};
   cache.push_back({device, sm_major, sm_minor, l});
   return l;
@@ -234,9 +239,79 @@ cudaError_t run_fwd_sm90(const AttentionParams& p, cudaStream_t stream, int sm_m
 
 }  // namespace
 
+namespace {
+
+// Whether the varlen forward kernel p runs on reads a paged cache in place: the plain kernels do,
+// the extras ones (and d = 96, whose varlen kernel is the extras tile) do not.
+bool varlen_fwd_pages(const AttentionParams& p) {
+  bool pages = false;
+  const int bucket = select_bucket(p);
+  for_each_built_bucket([&](auto b) {
+    if (decltype(b)::value == bucket) pages = !has_extras(p) && !FwdConfig<__half, decltype(b)::value>::TraitsVarlen::kExtras;
+  });
+  return pages;
+}
+
+// The varlen forward's tile (block_m, block_n) for p's bucket and kernel (plain or extras).
+std::pair<int, int> varlen_fwd_tile(const AttentionParams& p) {
+  std::pair<int, int> tile{0, 0};
+  const int bucket = select_bucket(p);
+  for_each_built_bucket([&](auto b) {
+    constexpr int D = decltype(b)::value;
+    if (D != bucket) return;
+    using Config = FwdConfig<__half, D>;
+    tile = has_extras(p) ? std::pair<int, int>{Config::TraitsVarlenExtras::kBlockM, Config::TraitsVarlenExtras::kBlockN}
+                         : std::pair<int, int>{Config::TraitsVarlen::kBlockM, Config::TraitsVarlen::kBlockN};
+  });
+  return tile;
+}
+
+// Splits of n_blocks key blocks over `tiles` blocks of work on `slots` concurrent CTAs: 1 when the
+// tiles already fill 80 % of a wave; otherwise the fewest splits whose last wave is at least 85 %
+// as full as the best count's (more splits cost partial writes and a longer combine), each split
+// one key block or more, counts that would give the same split length skipped.
+int auto_num_splits(int64_t tiles, int64_t slots, int64_t n_blocks, int max_splits) {
+  if (tiles <= 0 || slots <= 0 || n_blocks <= 1 || tiles * 5 >= slots * 4) return 1;
+  const int64_t most = n_blocks < max_splits ? n_blocks : max_splits;
+  auto fill = [&](int64_t s) {
+    const double waves = static_cast<double>(tiles * s) / static_cast<double>(slots);
+    return waves / std::ceil(waves);
+  };
+  auto eligible = [&](int64_t s) { return s == 1 || ceil_div(n_blocks, s) != ceil_div(n_blocks, s - 1); };
+  double best = 0;
+  for (int64_t s = 1; s <= most; ++s)
+    if (eligible(s)) best = std::max(best, fill(s));
+  for (int64_t s = 1; s <= most; ++s)
+    if (eligible(s) && fill(s) >= 0.85 * best) return static_cast<int>(s);
+  return 1;
+}
+
+}  // namespace
+
+FwdSplitPlan fwd_split_plan(const AttentionParams& p, int requested_splits, int sm_major, int sm_minor) {
+  FwdSplitPlan plan;
+  if (p.cu_seqlens_q == nullptr || fwd_unsupported_reason(p, sm_major, sm_minor) != nullptr) return plan;
+  const auto [block_m, block_n] = varlen_fwd_tile(p);
+  plan.page_multiple = varlen_fwd_pages(p) ? block_n : 0;
+  const int64_t n_blocks = ceil_div(p.seqlen_k, block_n);
+  if (requested_splits > 0) {
+    plan.num_splits = static_cast<int>(std::min<int64_t>({requested_splits, kMaxSplits, std::max<int64_t>(n_blocks, 1)}));
+    return plan;
+  }
+  const DeviceLimits dev = device_limits(sm_major, sm_minor);
+  // Two CTAs per SM: the forward tiles' occupancy on sm80/sm90 (kernel_configs.h).
+  const int64_t tiles = p.batch * p.num_heads * ceil_div(p.seqlen_q, block_m);
+  plan.num_splits = auto_num_splits(tiles, 2 * static_cast<int64_t>(dev.sms), n_blocks, kMaxSplits);
+  return plan;
+}
+
 cudaError_t run_fwd(const AttentionParams& p, cudaStream_t stream, int sm_major, int sm_minor) {
   if (const cudaError_t err = run_fwd_sm90(p, stream, sm_major); err != cudaErrorNotSupported) return err;
-  if (fwd_unsupported_reason(p, sm_major, sm_minor) != nullptr) return run_simt_fwd(p, stream);
+  if (fwd_unsupported_reason(p, sm_major, sm_minor) != nullptr) {
+    // fwd_split_plan never asks the SIMT path for splits or pages.
+    if (p.num_splits > 1 || p.block_table != nullptr) return cudaErrorInvalidValue;
+    return run_simt_fwd(p, stream);
+  }
   LaunchOptions opt;
   opt.vectorized = fwd_vectorized(p);
   opt.extras = has_extras(p);

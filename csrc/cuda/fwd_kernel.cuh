@@ -70,7 +70,11 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
   AttentionParams seq_storage;
   const AttentionParams& p = block_params<kVarlen>(params, seq_storage, b);
   const int64_t h_k = h / (p.num_heads / p.num_heads_k);
-  const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
+  // Split-KV (varlen only): blockIdx.x = query block * num_splits + split. (The split and the
+  // sequence are recomputed from blockIdx where needed: nothing more held through the key loop.)
+  const int splits = kVarlen ? params.num_splits : 1;
+  auto split_index = [&] { return kVarlen ? static_cast<int>(blockIdx.x % splits) : 0; };
+  const int64_t m0 = static_cast<int64_t>(gridDim.x / splits - 1 - blockIdx.x / splits) * kBlockM;
   if (kVarlen && m0 >= p.seqlen_q) return;
   const int rows = static_cast<int>(p.seqlen_q - m0 < kBlockM ? p.seqlen_q - m0 : kBlockM);
   const int64_t m_last = m0 + rows - 1;
@@ -79,22 +83,44 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
 
   // Key blocks that meet the band of rows [m0, m_last].
   const int64_t key_begin = band_key_begin(p, m0), key_end = band_key_end(p, m_last);
-  const int64_t n_block_min = key_begin / kBlockN;
-  const int64_t n_block_max = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : n_block_min;
+  int64_t n_block_min = key_begin / kBlockN;
+  int64_t n_block_max = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : n_block_min;
+  if (kVarlen && splits > 1) {  // this split's share (possibly none: its rows then see no key)
+    const int64_t per = (n_block_max - n_block_min + splits - 1) / splits;
+    const int64_t first = n_block_min + split_index() * per;
+    const int64_t lo = first < n_block_max ? first : n_block_max;
+    n_block_min = lo;
+    n_block_max = lo + per < n_block_max ? lo + per : n_block_max;
+  }
 
   const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
   const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride;
   const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride;
+  // Key block n_block's first row in k / v: contiguous rows, or (varlen over a paged cache) row
+  // n0 % page of page block_table[n0 / page] (a key block never straddles two pages). The paging
+  // fields are read from the launch parameters, not the sequence's copy: no registers held. Only
+  // the plain kernels page (in the extras ones ptxas spilled at d = 64 / 96); fwd_split_plan says so.
+  auto block_offset = [&](int64_t n_block, int64_t page_stride, int64_t row_stride) -> int64_t {
+    const int64_t n0 = n_block * kBlockN;
+    if (kVarlen && !kExtras && params.block_table != nullptr) {  // 32-bit: positions, (batch, head) fit
+      const uint32_t seq = (blockIdx.y + gridDim.y * blockIdx.z) / static_cast<uint32_t>(params.num_heads);
+      const uint32_t pos = static_cast<uint32_t>(n0), page = static_cast<uint32_t>(params.page_block_size);
+      const int32_t* pages = params.block_table + seq * params.block_table_batch_stride;
+      return pages[pos / page] * page_stride + static_cast<int64_t>(pos % page) * row_stride;
+    }
+    return n0 * row_stride;
+  };
   auto keys_in = [&](int64_t n_block) {
     const int64_t left = p.seqlen_k - n_block * kBlockN;
     return static_cast<int>(left < kBlockN ? left : kBlockN);
   };
   auto load_k = [&](int64_t n_block, int stage) {
-    load_tile_async<TileK, Traits::kThreads>(sK + stage * TileK::kElements, k + n_block * kBlockN * p.k_row_stride,
+    load_tile_async<TileK, Traits::kThreads>(sK + stage * TileK::kElements, k + block_offset(n_block, params.k_batch_stride, p.k_row_stride),
                                              p.k_row_stride, keys_in(n_block), static_cast<int>(p.headdim), vectorized);
   };
   auto load_v = [&](int64_t n_block, int stage) {
-    load_tile_async<TileV, Traits::kThreads>(sV + stage * TileV::kElements, v + n_block * kBlockN * p.v_row_stride,
+    load_tile_async<TileV, Traits::kThreads>(sV + stage * TileV::kElements,
+                                             v + block_offset(n_block, params.v_batch_stride, p.v_row_stride),
                                              p.v_row_stride, keys_in(n_block), static_cast<int>(p.headdim_v),
                                              vectorized);
   };
@@ -267,8 +293,12 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
       iteration(std::integral_constant<int, 0>{}, n_block);
   }
 
-  // Epilogue: O /= row_sum, lse (natural log); rows that saw no key: O = 0, lse = -inf.
-  float* lse = p.lse + row_array_offset<kVarlen>(p, b, h) + m0;
+  // Epilogue: O /= row_sum, lse (natural log); rows that saw no key: O = 0, lse = -inf. A split
+  // writes both, O in fp32, to its part of the partial arrays.
+  const bool to_partial = kVarlen && splits > 1;
+  const int64_t row0 = to_partial ? split_row(p, split_index(), row_array_offset<kVarlen>(p, b, h) + m0)
+                                  : row_array_offset<kVarlen>(p, b, h) + m0;
+  float* lse = (to_partial ? params.partial_lse : p.lse) + row0;
   softmax.finalize(acc_o, dropout ? dropout_keep_scale<float>(p.dropout_p) : 1.f, [&](int mt, int half, auto&& row_lse) {
     const int row = acc.row(warp_row0, mt, 2 * half);
     if (acc.t == 0 && row < rows) lse[row] = row_lse();
@@ -276,6 +306,19 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
 
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with sQ
+  if (to_partial) {
+    float* po = params.partial_out + row0 * p.headdim_v;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kOutNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = acc.row(warp_row0, mt, e), col = acc.col(0, nt, e);
+          if (row < rows && col < p.headdim_v) po[row * p.headdim_v + col] = acc_o[mt][nt][e];
+        }
+    return;
+  }
   store_acc_to_smem<TileQ>(sQ, acc_o, warp_row0, 0);
   __syncthreads();
   Element* out = static_cast<Element*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + m0 * p.o_row_stride;

@@ -20,6 +20,20 @@ const char* fwd_unsupported_reason(const AttentionParams& p, int sm_major, int s
 // seqlen_q floats) is allocated by the op layer and passed in AttentionGradParams::delta.
 size_t bwd_workspace_bytes(const AttentionGradParams& p, int sm_major, int sm_minor);
 
+// Split-KV and paging for a varlen forward (p.cu_seqlens_q set; the KV cache): where the
+// tensor-core kernels take the call, num_splits is the split count (the requested one (>= 1)
+// capped at kMaxSplits and the key blocks of the longest sequence, or for 0 the count that fills
+// the GPU's SMs), and page_multiple, where the kernel can read a paged cache in place
+// (p.block_table), its key block: a page size that is a multiple of it is read in place, others
+// are gathered (0: always gathered). Elsewhere (SIMT, dense calls) {1, 0}: no split, no paging.
+// With num_splits > 1 the op layer allocates p.partial_out / partial_lse (attention_params.h).
+constexpr int kMaxSplits = 128;
+struct FwdSplitPlan {
+  int num_splits = 1;
+  int page_multiple = 0;
+};
+FwdSplitPlan fwd_split_plan(const AttentionParams& p, int requested_splits, int sm_major, int sm_minor);
+
 // Forward: writes out and lse. Backward: writes dq, dk, dv (and dmask when set). Each returns
 // the first CUDA error it met (a launch or an attribute call), cudaSuccess otherwise; the op
 // layer turns an error into a Python exception.

@@ -7,6 +7,7 @@
 #include "grid.h"
 #include "kernel_configs.h"
 #include "launch_templates.h"
+#include "split_combine.cuh"
 
 namespace flashattn::cuda {
 
@@ -20,18 +21,25 @@ cudaError_t launch_fwd_kernel(const AttentionParams& p, const LaunchOptions& opt
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (err != cudaSuccess) return err;
   }
-  FLASHATTN_LAUNCH(tile_grid(m_blocks, p.batch * p.num_heads), Traits::kThreads, smem_bytes, stream,
+  const int64_t splits = kVarlen && p.num_splits > 1 ? p.num_splits : 1;  // split-KV: blocks per query block
+  FLASHATTN_LAUNCH(tile_grid(m_blocks * splits, p.batch * p.num_heads), Traits::kThreads, smem_bytes, stream,
                    fwd_kernel<Traits, kVarlen>)(p, opt.vectorized);
   return cudaGetLastError();
 }
 
-// Varlen (p.cu_seqlens_q set) has kernels of its own (kernel_configs.h: TraitsVarlen*).
+// Varlen (p.cu_seqlens_q set) has kernels of its own (kernel_configs.h: TraitsVarlen*), and
+// with p.num_splits > 1 the combine after them.
 template <typename Element, int kHeadDim>
 cudaError_t launch_fwd(const AttentionParams& p, const LaunchOptions& opt, cudaStream_t stream) {
   using Config = FwdConfig<Element, kHeadDim>;
-  if (p.cu_seqlens_q != nullptr)
-    return opt.extras ? launch_fwd_kernel<typename Config::TraitsVarlenExtras, true>(p, opt, stream)
-                      : launch_fwd_kernel<typename Config::TraitsVarlen, true>(p, opt, stream);
+  if (p.cu_seqlens_q != nullptr) {
+    const cudaError_t err = opt.extras ? launch_fwd_kernel<typename Config::TraitsVarlenExtras, true>(p, opt, stream)
+                                       : launch_fwd_kernel<typename Config::TraitsVarlen, true>(p, opt, stream);
+    if (err != cudaSuccess || p.num_splits <= 1 || row_array_rows(p) == 0) return err;
+    FLASHATTN_LAUNCH(static_cast<unsigned>(ceil_div(row_array_rows(p), kCombineWarps)), 32 * kCombineWarps, 0,
+                     stream, split_combine_kernel<Element>)(p);
+    return cudaGetLastError();
+  }
   if (opt.extras) return launch_fwd_kernel<typename Config::TraitsExtras>(p, opt, stream);
   if (opt.kv_stages == 2 && Config::TraitsPipelined::kStages == 2)
     return launch_fwd_kernel<typename Config::TraitsPipelined>(p, opt, stream);

@@ -75,12 +75,28 @@ size_t span_view(int64_t batch, int64_t heads, int64_t rows, int64_t cols, const
 }
 
 // The (batch, rows) the q-row and k-row tensors span: dense (batch, seqlen_q / seqlen_k); varlen
-// one batch of all packed rows (total_q, and total_k from cu_seqlens_k, host memory here).
+// one batch of all packed rows (total_q, and total_k from cu_seqlens_k, host memory here); a
+// paged cache (block_table) its pages up to the last one a sequence reads, and the table entries
+// read (table_entries).
 struct Extents {
-  int64_t batch, rows_q, rows_k;
+  int64_t batch, rows_q, rows_k, table_entries = 0;
 };
 Extents extents(const AttentionParams& p) {
   if (p.cu_seqlens_q == nullptr) return {p.batch, p.seqlen_q, p.seqlen_k};
+  if (p.block_table != nullptr) {
+    Extents x{1, p.total_q, 0, 0};
+    int64_t last_page = -1;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const int64_t pages = (p.seqused_k[b] + p.page_block_size - 1) / p.page_block_size;
+      for (int64_t j = 0; j < pages; ++j)
+        last_page = std::max<int64_t>(last_page, p.block_table[b * p.block_table_batch_stride + j]);
+      if (pages > 0) x.table_entries = std::max(x.table_entries, b * p.block_table_batch_stride + pages);
+    }
+    // Rows of (pages, page_block_size) with the page stride in k_batch_stride: span4 over one
+    // "batch" of rows reaching the last page's last row.
+    x.rows_k = last_page < 0 ? 0 : last_page * (p.k_batch_stride / p.k_row_stride) + p.page_block_size;
+    return x;
+  }
   if (p.seqused_k == nullptr) return {1, p.total_q, p.cu_seqlens_k[p.batch]};
   int64_t rows_k = 0;  // start rows + used lengths: up to the last row any sequence reads
   for (int64_t b = 0; b < p.batch; ++b) rows_k = std::max<int64_t>(rows_k, p.cu_seqlens_k[b] + p.seqused_k[b]);
@@ -98,6 +114,8 @@ void guard_forward_inputs(AttentionParams& p, emu::GuardedBuffers& g) {
   }
   p.q = g.guard("q", p.q, span4(x.batch, p.num_heads, x.rows_q, p.headdim, p.q_batch_stride, p.q_head_stride,
                                  p.q_row_stride, e), false);
+  if (p.block_table != nullptr)
+    p.block_table = g.guard("block_table", p.block_table, static_cast<size_t>(x.table_entries) * 4, false);
   p.k = g.guard("k", p.k, span4(x.batch, p.num_heads_k, x.rows_k, p.headdim, p.k_batch_stride, p.k_head_stride,
                                  p.k_row_stride, e), false);
   p.v = g.guard("v", p.v, span4(x.batch, p.num_heads_k, x.rows_k, p.headdim_v, p.v_batch_stride,
@@ -182,6 +200,11 @@ int run_fwd(const AttentionParams* params, const FlashattnEmulatorOptions* o, co
                                        p.o_head_stride, p.o_row_stride, element_bytes(p.dtype)), true);
   p.lse = g.guard("lse", p.lse, rows_bytes(p), true);
   p.rng_state = g.guard("rng_state", p.rng_state, 16, true);
+  if (p.num_splits > 1) {  // scratch: written by the split kernels, read by the combine
+    const size_t rows = static_cast<size_t>(p.num_splits) * static_cast<size_t>(flashattn::row_array_rows(p));
+    p.partial_lse = g.guard("partial_lse", p.partial_lse, rows * 4, true);
+    p.partial_out = g.guard("partial_out", p.partial_out, rows * static_cast<size_t>(p.headdim_v) * 4, true);
+  }
   return run(g, report, [&] { return flashattn::cuda::run_fwd(p, nullptr, o->sm_major, o->sm_minor); });
 }
 
@@ -229,6 +252,14 @@ int dropout_mask(const AttentionParams* params, uint8_t* keep, const FlashattnEm
   return run(g, report, [&] { return flashattn::cuda::run_dropout_mask(p, k, nullptr); });
 }
 
+void fwd_split_plan(const AttentionParams* p, int requested_splits, const FlashattnEmulatorOptions* o, int* num_splits,
+                    int* page_multiple) {
+  configure(o);
+  const flashattn::cuda::FwdSplitPlan plan = flashattn::cuda::fwd_split_plan(*p, requested_splits, o->sm_major, o->sm_minor);
+  *num_splits = plan.num_splits;
+  *page_multiple = plan.page_multiple;
+}
+
 int selftest(const char* name, const FlashattnEmulatorOptions* o, const char** report) {
   configure(o);
   std::vector<float> in(8192);
@@ -253,6 +284,7 @@ const FlashattnEmulatorApi kApi = {
     &run_bwd,
     &dropout_mask,
     &emu::stats,
+    &fwd_split_plan,
     &selftest,
 };
 

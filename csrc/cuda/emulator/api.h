@@ -36,12 +36,15 @@ struct FlashattnEmulatorApi {
   int (*dropout_mask)(const flashattn::AttentionParams* p, uint8_t* keep, const FlashattnEmulatorOptions* o,
                       const char** report);
   void (*stats)(FlashattnEmulatorStats* out);
+  // cuda/launch.h fwd_split_plan for the emulated GPU.
+  void (*fwd_split_plan)(const flashattn::AttentionParams* p, int requested_splits, const FlashattnEmulatorOptions* o,
+                         int* num_splits, int* page_multiple);
   // Runs one of selftest.cu's kernels (each with one planted bug, and "correct_pipeline");
   // 0 if the emulator found nothing, else nonzero with its report.
   int (*selftest)(const char* name, const FlashattnEmulatorOptions* o, const char** report);
 };
 
-constexpr int kFlashattnEmulatorAbi = 2;
+constexpr int kFlashattnEmulatorAbi = 3;
 
 // The library's one exported symbol.
 __attribute__((visibility("default"))) const FlashattnEmulatorApi* flashattn_emulator_api();

@@ -149,6 +149,17 @@ MUTANTS = [
      "Hopper forward ping-pong: a consumer never hands the turn back", "tests/test_cuda_sm90.py::test_buckets and 64 and full"),
     ("M44", "cuda/fwd_sm90.cuh", "wgmma_wait<1>();  // S_j landed", "wgmma_wait<2>();  // S_j landed",
      "Hopper forward overlap: softmax of S_j before its Q K^T completed", "tests/test_cuda_sm90.py::test_buckets and 64 and full"),
+    ("M45", "cuda/fwd_kernel.cuh", "n_block_max = lo + per < n_block_max ? lo + per : n_block_max;",
+     "n_block_max = lo + per + 1 < n_block_max ? lo + per + 1 : n_block_max;",
+     "split-KV: neighbouring splits share a key block (counted twice)", "tests/test_cuda_kvcache.py::test_splits_agree"),
+    ("M46", "cuda/split_combine.cuh", "      for (int s = 0; s < splits; ++s) {", "      for (int s = 1; s < splits; ++s) {",
+     "split-KV combine: the first split's O left out", "tests/test_cuda_kvcache.py::test_splits_agree"),
+    ("M47", "cuda/fwd_kernel.cuh", "params.block_table + seq * params.block_table_batch_stride;",
+     "params.block_table;", "paged KV: every sequence reads the first sequence's pages",
+     "tests/test_cuda_kvcache.py::test_paged_equals_contiguous"),
+    ("M48", "cuda/fwd_kernel.cuh", "const int64_t row0 = to_partial ? split_row(p, split_index(),",
+     "const int64_t row0 = to_partial ? split_row(p, 0,", "split-KV: every split writes split 0's partial rows",
+     "tests/test_cuda_kvcache.py::test_splits_agree"),
 ]
 
 # Report text -> the check that fired.
