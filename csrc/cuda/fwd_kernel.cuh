@@ -74,7 +74,8 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
   // sequence are recomputed from blockIdx where needed: nothing more held through the key loop.)
   const int splits = kVarlen ? params.num_splits : 1;
   auto split_index = [&] { return kVarlen ? static_cast<int>(blockIdx.x % splits) : 0; };
-  const int64_t m0 = static_cast<int64_t>(gridDim.x / splits - 1 - blockIdx.x / splits) * kBlockM;
+  const int64_t m0 = kVarlen ? static_cast<int64_t>(gridDim.x / splits - 1 - blockIdx.x / splits) * kBlockM
+                             : static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
   if (kVarlen && m0 >= p.seqlen_q) return;
   const int rows = static_cast<int>(p.seqlen_q - m0 < kBlockM ? p.seqlen_q - m0 : kBlockM);
   const int64_t m_last = m0 + rows - 1;
@@ -115,12 +116,12 @@ __global__ void __launch_bounds__(Traits::kThreads) fwd_kernel(const AttentionPa
     return static_cast<int>(left < kBlockN ? left : kBlockN);
   };
   auto load_k = [&](int64_t n_block, int stage) {
-    load_tile_async<TileK, Traits::kThreads>(sK + stage * TileK::kElements, k + block_offset(n_block, params.k_batch_stride, p.k_row_stride),
+    load_tile_async<TileK, Traits::kThreads>(sK + stage * TileK::kElements, k + (kVarlen ? block_offset(n_block, params.k_batch_stride, p.k_row_stride) : n_block * kBlockN * p.k_row_stride),
                                              p.k_row_stride, keys_in(n_block), static_cast<int>(p.headdim), vectorized);
   };
   auto load_v = [&](int64_t n_block, int stage) {
     load_tile_async<TileV, Traits::kThreads>(sV + stage * TileV::kElements,
-                                             v + block_offset(n_block, params.v_batch_stride, p.v_row_stride),
+                                             v + (kVarlen ? block_offset(n_block, params.v_batch_stride, p.v_row_stride) : n_block * kBlockN * p.v_row_stride),
                                              p.v_row_stride, keys_in(n_block), static_cast<int>(p.headdim_v),
                                              vectorized);
   };
