@@ -15,16 +15,20 @@ import torch.nn.functional as F
 import flashattn_ext
 
 
-def per_call_us(fn, calls, rounds):
-    for _ in range(calls // 10 + 10):
-        fn()
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def per_call_us(fns, calls, rounds):
+    """Median µs per call of each fn; the rounds interleave the fns, so that the machine's drift
+    (a shared VM's speed moves by 2x between seconds) falls on all of them alike."""
+    for fn in fns:
+        for _ in range(calls // 10 + 10):
             fn()
-        ts.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(ts)
+    ts = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            ts[i].append((time.perf_counter() - t0) / calls * 1e6)
+    return [statistics.median(t) for t in ts]
 
 
 def main():
@@ -42,16 +46,13 @@ def main():
     ours = flashattn_ext.scaled_dot_product_attention
     op = torch.ops.flashattn_ext.fwd
     ctx = torch.no_grad() if not a.grad else torch.enable_grad()
-    with ctx:
-        rows = [("torch F.scaled_dot_product_attention", per_call_us(lambda: torch_sdpa(q, k, v), a.calls, a.rounds)),
-                ("torch.ops.flashattn_ext.fwd (bare op)", per_call_us(lambda: op(q, k, v), a.calls, a.rounds)),
-                ("flashattn_ext.scaled_dot_product_attention",
-                 per_call_us(lambda: ours(q, k, v), a.calls, a.rounds))]
-        with flashattn_ext.patch_sdpa() as patch:
-            patched = F.scaled_dot_product_attention
-            rows.append(("patch_sdpa: F.scaled_dot_product_attention",
-                         per_call_us(lambda: patched(q, k, v), a.calls, a.rounds)))
-        assert patch.calls > 0 and not patch.fallbacks
+    with ctx, flashattn_ext.patch_sdpa() as patch:
+        patched = F.scaled_dot_product_attention
+        names = ["torch F.scaled_dot_product_attention", "torch.ops.flashattn_ext.fwd (bare op)",
+                 "flashattn_ext.scaled_dot_product_attention", "patch_sdpa: F.scaled_dot_product_attention"]
+        fns = [lambda: torch_sdpa(q, k, v), lambda: op(q, k, v), lambda: ours(q, k, v), lambda: patched(q, k, v)]
+        rows = list(zip(names, per_call_us(fns, a.calls, a.rounds)))
+    assert patch.calls > 0 and not patch.fallbacks
     base = rows[0][1]
     print(f"q (1, 1, 1, 8), k/v (1, 1, {a.S}, 8) fp32, requires_grad={a.grad}, threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}")

@@ -81,12 +81,29 @@ class FlashAttentionBackwardFunction : public torch::autograd::Function<FlashAtt
   }
 };
 
+// Whether a call must build an autograd node: grad mode on and some input requiring grad, or a
+// forward-mode (dual) input, which Function::apply reports as unsupported.
+bool needs_graph(std::initializer_list<const at::Tensor*> inputs) {
+  const bool grad = at::GradMode::is_enabled();
+  for (const at::Tensor* t : inputs) {
+    if (t == nullptr || !t->defined()) continue;
+    if ((grad && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v FLASHATTN_OPTIONS_PARAMS) {
   TORCH_CHECK_VALUE(!(alibi_slopes && alibi_slopes->defined() && alibi_slopes->requires_grad() &&
                       at::GradMode::is_enabled()),
                     "flashattn_ext: alibi_slopes requires grad, but the ALiBi slopes get no gradient here; pass "
                     "alibi_slopes.detach() (or learn the slopes with a float attn_mask, which gets its gradient)");
+  if (!needs_graph({&q, &k, &v FLASHATTN_TENSOR_OPTIONS_ADDRS})) {
+    // Nothing to differentiate (no_grad, inference, or no input requiring grad): no autograd node,
+    // context or saved tensors, the commonest case at decode, where they are most of a call's cost.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_fwd_op(q, k, v, FLASHATTN_OPTIONS_FROM_PARAMS());
+  }
   auto outs = FlashAttentionFunction::apply(q, k, v FLASHATTN_TENSOR_OPTIONS_ARGS, FLASHATTN_OPTIONS_FROM_PARAMS());
   return {outs[0], outs[1], outs[2]};
 }

@@ -63,6 +63,9 @@
 // Only the tensor options, as parameters / arguments.
 #define FLASHATTN_TENSOR_OPTIONS_PARAMS FLASHATTN_OPTIONS(FLASHATTN_T_PARAM_, FLASHATTN_IGNORE_)
 #define FLASHATTN_TENSOR_OPTIONS_ARGS FLASHATTN_OPTIONS(FLASHATTN_T_ARG_, FLASHATTN_IGNORE_)
+// ", (attn_mask ? &*attn_mask : nullptr), ...": the tensor options' addresses (nullptr when absent).
+#define FLASHATTN_T_ADDR_(name, schema) , (name ? &*name : nullptr)
+#define FLASHATTN_TENSOR_OPTIONS_ADDRS FLASHATTN_OPTIONS(FLASHATTN_T_ADDR_, FLASHATTN_IGNORE_)
 
 namespace flashattn {
 

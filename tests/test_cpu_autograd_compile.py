@@ -110,3 +110,40 @@ def test_double_backward_is_refused_clearly():
     assert torch.isfinite(gq).all()  # first-order gradients with create_graph=True still work
     with pytest.raises(RuntimeError, match="double backward"):
         gq.sum().backward()
+
+
+def test_no_graph_without_grad_but_graph_for_any_input_that_needs_it():
+    """The autograd kernel skips the autograd function when nothing needs a gradient (no_grad, or
+    no input requiring grad) and builds it whenever any input does, the float mask included."""
+    torch.manual_seed(0)
+    q, k, v = rand(2, 3, 5, 8), rand(2, 3, 7, 8), rand(2, 3, 7, 8)
+    mask = torch.randn(5, 7)
+    ref = flashattn_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert ref.grad_fn is None and not ref.requires_grad
+    for needs in ("q", "k", "v", "mask"):
+        xs = {"q": q.clone(), "k": k.clone(), "v": v.clone(), "mask": mask.clone()}
+        xs[needs].requires_grad_(True)
+        with torch.no_grad():
+            out = flashattn_ext.scaled_dot_product_attention(xs["q"], xs["k"], xs["v"], attn_mask=xs["mask"])
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, ref)
+        out = flashattn_ext.scaled_dot_product_attention(xs["q"], xs["k"], xs["v"], attn_mask=xs["mask"])
+        assert out.requires_grad and out.grad_fn is not None, needs
+        assert torch.equal(out.detach(), ref)
+        out.square().sum().backward()
+        assert xs[needs].grad is not None and xs[needs].grad.abs().sum() > 0, needs
+    # lse and rng_state are never differentiable, whichever path made them.
+    _, lse, rng = torch.ops.flashattn_ext.fwd(q.requires_grad_(), k, v)
+    assert not lse.requires_grad and not rng.requires_grad
+
+
+def test_forward_mode_ad_is_refused_clearly():
+    """Dual (forward-mode AD) inputs take the autograd function's path, which refuses them, even
+    under no_grad: never a silently missing tangent."""
+    import torch.autograd.forward_ad as fwAD
+    q, k, v = rand(1, 2, 4, 8), rand(1, 2, 4, 8), rand(1, 2, 4, 8)
+    with fwAD.dual_level():
+        dq = fwAD.make_dual(q, torch.randn_like(q))
+        for ctx in (torch.enable_grad(), torch.no_grad()):
+            with ctx, pytest.raises(RuntimeError, match="(?i)jvp|forward"):
+                flashattn_ext.scaled_dot_product_attention(dq, k, v)
