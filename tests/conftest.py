@@ -59,7 +59,9 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("device", [pytest.param(("cpu", None), id="cpu")] + cuda_testing.device_params(("lockstep",)),
                              indirect=True)
     if "cuda_device" in metafunc.fixturenames:
-        schedules = getattr(metafunc.module, "EMULATED_SCHEDULES", cuda_testing.EMULATED_SCHEDULES)
+        marker = metafunc.definition.get_closest_marker("emulated_schedules")
+        schedules = marker.args if marker else getattr(metafunc.module, "EMULATED_SCHEDULES",
+                                                       cuda_testing.EMULATED_SCHEDULES)
         metafunc.parametrize("cuda_device", cuda_testing.device_params(schedules), indirect=True)
 
 

@@ -19,8 +19,10 @@ from flashattn_ext.testing import poison_outputs
 from reference import reference_kvcache
 
 pytestmark = pytest.mark.usefixtures("cuda_device")
-# The kernels here are test_cuda_varlen.py's, which runs them under both schedules; one suffices.
+# The kernels here are test_cuda_varlen.py's, which runs them under both schedules; one suffices,
+# except for what only the cache path uses (split-KV and its combine kernel, pages read in place).
 EMULATED_SCHEDULES = ("lockstep",)
+BOTH_SCHEDULES = pytest.mark.emulated_schedules("lockstep", "warp")
 
 
 def make_case(dtype, B=3, S=300, Hq=4, Hk=2, D=64, Sq=1, Sn=1, rows=None):
@@ -109,6 +111,7 @@ def test_strided_cache():
 
 
 # Pages of 64 and 128 rows are read in place (the d = 64 kernels' key block is 64); 16 is gathered.
+@BOTH_SCHEDULES
 @pytest.mark.parametrize("page", [16, 64, 128])
 @pytest.mark.parametrize("Sq,splits", [(2, 1), (1, 0), (1, 3)], ids=["causal-unsplit", "gqa-auto", "gqa-3"])
 def test_paged_equals_contiguous(page, Sq, splits):
@@ -134,6 +137,7 @@ def test_paged_equals_contiguous(page, Sq, splits):
     assert torch.equal(out, ref)  # the same rows, tiles and order once gathered
 
 
+@BOTH_SCHEDULES
 @pytest.mark.parametrize("splits", [1, 3])
 def test_empty_cache_gives_zero_and_minus_inf(splits):
     q, k_cache, v_cache, _, _, _ = make_case(torch.bfloat16, Sn=0)
@@ -151,6 +155,7 @@ SPLIT_CASES = {"gqa-decode": dict(Hq=8, Hk=2, Sq=1, Sn=1, options=dict(causal=Tr
                "gqa-window": dict(Hq=4, Hk=2, Sq=3, Sn=3, options=dict(causal=True, window_size=(100, 0)))}
 
 
+@BOTH_SCHEDULES
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
 def test_splits_agree(dtype, case):
@@ -165,6 +170,7 @@ def test_splits_agree(dtype, case):
         assert (out.double() - outs[1].double()).abs().max() <= tol, f"num_splits={n} vs 1"
 
 
+@BOTH_SCHEDULES
 @pytest.mark.parametrize("head_dim", [32, 128])
 def test_splits_head_dims(head_dim):
     """Other key blocks (128 at d = 32, 64 at d = 128) and a paged cache read in place with splits."""
