@@ -51,7 +51,7 @@ struct AttentionParams {
   const void* v = nullptr;
   void* out = nullptr;
   float* lse = nullptr;  // (batch, num_heads, seqlen_q) contiguous, natural log, -inf for empty rows
-  double* lse64 = nullptr;  // the same in double, used instead of lse by CPU fp64 (full-precision gradients)
+  double* lse64 = nullptr;  // the same in double, used instead of lse by fp64 (CPU kernels, CUDA SIMT path)
 
   int64_t q_batch_stride = 0, q_head_stride = 0, q_row_stride = 0;
   int64_t k_batch_stride = 0, k_head_stride = 0, k_row_stride = 0;
@@ -154,6 +154,7 @@ struct AttentionGradParams : AttentionParams {
 
   // Workspace the op layer allocates. delta = rowsum(dO * O), (batch, num_heads, seqlen_q) fp32.
   float* delta = nullptr;
+  double* delta64 = nullptr;  // the same in double, used instead of delta by the CUDA fp64 (SIMT) path
   // fp32 accumulator for dQ where a backend needs one (layout is the backend's, size given by it).
   float* dq_accum = nullptr;
   int32_t* dq_semaphore = nullptr;  // CUDA deterministic mode
@@ -161,7 +162,7 @@ struct AttentionGradParams : AttentionParams {
   // Gradient of a float attn_mask, fp32, in the mask's own (unexpanded) shape and strides:
   // contributions of broadcast elements are summed into the one element they read.
   float* dmask = nullptr;
-  // CPU kernels, float64 masks: the gradient accumulated in float64 here instead (dmask stays null).
+  // Float64 masks (CPU kernels, CUDA SIMT path): the gradient accumulated in float64 here instead (dmask stays null).
   double* dmask64 = nullptr;
   BroadcastView dmask_view;
 };

@@ -535,8 +535,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   }
   at::Tensor dq = allocate_grad(q), dk = allocate_grad(k), dv = allocate_grad(v);
   const bool cuda_kernels = runs_cuda_kernels(q);
-  // dmask accumulates in float32, or in float64 for a float64 mask on the CPU kernels.
-  const bool dmask_f64 = mask_grad && !cuda_kernels && o.attn_mask->scalar_type() == at::kDouble;
+  // dmask accumulates in float32, or in float64 for a float64 mask (whose query is float64 too:
+  // the CPU kernels, or the CUDA kernels' SIMT path).
+  const bool dmask_f64 = mask_grad && o.attn_mask->scalar_type() == at::kDouble;
   at::Tensor dmask = at::empty(mask_grad ? o.attn_mask->sizes() : at::IntArrayRef{0},
                                q.options().dtype(dmask_f64 ? at::kDouble : at::kFloat));
   poison({dq, dk, dv});
@@ -567,7 +568,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   p.deterministic = o.deterministic;
   if (p.dropout_p > 0 && !cuda_kernels) read_philox(p, rng_state);
 
-  // dmask accumulates in fp32 through the broadcast view of the mask's own shape (or, when its
+  // dmask accumulates (in dmask's dtype) through the broadcast view of the mask's own shape (or, when its
   // batch dims cannot be folded, of a batch-materialized buffer summed down afterwards).
   at::Tensor dmask_acc;
   if (mask_grad) {

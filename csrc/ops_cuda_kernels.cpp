@@ -1,6 +1,6 @@
 // The op layer's side of the CUDA kernels, shared by a GPU (ops_cuda.cpp) and the host emulator
-// (ops_emulated.cpp): what the kernels need beyond what ops.cpp prepares for every backend — a
-// float32 lse for float64 callers, the backward's delta workspace — and the choice between the two.
+// (ops_emulated.cpp): what the kernels need beyond what ops.cpp prepares for every backend — the
+// backward's delta workspace — and the choice between the two.
 
 #include "ops.h"
 
@@ -29,25 +29,22 @@ void backward_on_device(AttentionGradParams& p, const at::Tensor& q, const at::T
 }  // namespace
 
 void cuda_kernels_forward(AttentionParams& p, const at::Tensor& q, const at::Tensor& lse, at::Tensor& rng_state) {
-  if (p.lse64 == nullptr) return forward_on_device(p, q, rng_state);
-  // The kernels write a float lse; float64 callers get it widened.
-  at::Tensor lse32 = at::empty(lse.sizes(), lse.options().dtype(at::kFloat));
-  p.lse64 = nullptr;
-  p.lse = lse32.data_ptr<float>();
+  // A float64 lse only comes with float64 q, which runs on the SIMT path: it writes lse64 itself.
+  TORCH_INTERNAL_ASSERT((p.lse64 != nullptr) == (lse.scalar_type() == at::kDouble) &&
+                        (p.lse64 == nullptr || p.dtype == DType::kFloat64));
   forward_on_device(p, q, rng_state);
-  lse.copy_(lse32);
 }
 
 void cuda_kernels_backward(AttentionGradParams& p, const at::Tensor& q, const at::Tensor& lse,
                            const at::Tensor& rng_state) {
-  at::Tensor delta = at::empty({row_array_rows(p)}, q.options().dtype(at::kFloat));
-  p.delta = delta.data_ptr<float>();
-  at::Tensor lse32;
-  if (p.lse64 != nullptr) {  // the kernels read a float lse
-    lse32 = lse.to(at::kFloat);
-    p.lse64 = nullptr;
-    p.lse = lse32.data_ptr<float>();
-  }
+  // delta = rowsum(dO * O) in the lse's precision: float64 for float64 q (the SIMT path).
+  TORCH_INTERNAL_ASSERT((p.lse64 != nullptr) == (lse.scalar_type() == at::kDouble) &&
+                        (p.lse64 == nullptr || p.dtype == DType::kFloat64));
+  at::Tensor delta = at::empty({row_array_rows(p)}, q.options().dtype(lse.scalar_type()));
+  if (p.lse64 != nullptr)
+    p.delta64 = delta.data_ptr<double>();
+  else
+    p.delta = delta.data_ptr<float>();
   backward_on_device(p, q, rng_state);
 }
 

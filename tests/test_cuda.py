@@ -320,6 +320,25 @@ def test_attn_mask_gradient(shape):
     assert_close("dmask", mask.grad, mask64.grad, mask_low.grad)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 20, 30), (3, 20, 30), (1, 1, 30)], ids=["full", "batch-bcast", "row-bcast"])
+def test_float64_gradients_are_float64_exact(shape):
+    """fp64 (the SIMT path): lse, delta and a float64 mask's gradient are kept in float64, broadcast
+    mask elements included (a float32 lse or float32 atomics would leave ~1e-7 relative error)."""
+    q, k, v = (rand(2, 3, n, 16, dtype=torch.float64, requires_grad=True) for n in (20, 30, 30))
+    mask = rand(*shape, dtype=torch.float64, requires_grad=True)
+    with poison_outputs():
+        out = flashattn_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    dout = rand(*out.shape, dtype=torch.float64)
+    with poison_outputs():
+        grads = torch.autograd.grad(out, (q, k, v, mask), dout)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, mask)]
+    refs = torch.autograd.grad(reference(*leaves[:3], attn_mask=leaves[3])[0], leaves, dout)
+    assert grads[3].dtype == torch.float64 and grads[3].shape == mask.shape
+    for name, g, ref in zip(("dq", "dk", "dv", "dmask"), grads, refs):
+        err = (g - ref).abs().max().item()
+        assert err < 1e-12 * max(1.0, ref.abs().max().item()), (name, err)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_dropout_matches_keep_mask(head_dim, causal):

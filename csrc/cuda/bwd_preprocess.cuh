@@ -17,6 +17,13 @@ __device__ __forceinline__ float to_float_acc(__nv_bfloat16 x) { return __bfloat
 __device__ __forceinline__ float to_float_acc(float x) { return x; }
 __device__ __forceinline__ double to_float_acc(double x) { return x; }
 
+// The per-row statistics in the accumulator's precision: float64 (the SIMT path's fp64) has its own
+// arrays, lse64 and delta64, so its gradients keep float64 accuracy.
+__device__ __forceinline__ float* row_lse(const AttentionParams& p, float) { return p.lse; }
+__device__ __forceinline__ double* row_lse(const AttentionParams& p, double) { return p.lse64; }
+__device__ __forceinline__ float* row_delta(const AttentionGradParams& p, float) { return p.delta; }
+__device__ __forceinline__ double* row_delta(const AttentionGradParams& p, double) { return p.delta64; }
+
 // One warp per row; four rows per CTA.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(128) bwd_preprocess_kernel(const AttentionGradParams p) {
@@ -31,7 +38,7 @@ __global__ void __launch_bounds__(128) bwd_preprocess_kernel(const AttentionGrad
   for (int64_t d = lane; d < p.headdim_v; d += 32) sum += to_float_acc(o[d]) * to_float_acc(dout[d]);
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (lane == 0) p.delta[row] = static_cast<float>(sum);
+  if (lane == 0) row_delta(p, Acc{})[row] = sum;
 }
 
 }  // namespace flashattn::cuda

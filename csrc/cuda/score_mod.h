@@ -170,5 +170,15 @@ __device__ __forceinline__ void add_dmask(const AttentionGradParams& p, int64_t 
   float* dst = p.dmask + p.dmask_view.offset(b, h, i, j);
   atomicAdd(dst, value);
 }
+// The fp64 SIMT backward: a float64 mask's gradient accumulates in float64 (dmask64), a float32
+// mask's in float32.
+__device__ __forceinline__ void add_dmask(const AttentionGradParams& p, int64_t b, int64_t h, int64_t i, int64_t j,
+                                          double value) {
+  const int64_t at = p.dmask_view.offset(b, h, i, j);
+  if (p.dmask64 != nullptr)
+    atomicAdd(p.dmask64 + at, value);
+  else
+    atomicAdd(p.dmask + at, static_cast<float>(value));
+}
 
 }  // namespace flashattn::cuda

@@ -63,7 +63,10 @@ __global__ void zero_dmask_kernel(const AttentionGradParams p, int64_t nb, int64
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = idx % nj, i = (idx / nj) % ni, h = (idx / (nj * ni)) % nh, b = idx / (nj * ni * nh);
-    p.dmask[p.dmask_view.offset(b, h, i, j)] = 0.f;
+    if (p.dmask64 != nullptr)
+      p.dmask64[p.dmask_view.offset(b, h, i, j)] = 0.0;
+    else
+      p.dmask[p.dmask_view.offset(b, h, i, j)] = 0.f;
   }
 }
 
@@ -116,7 +119,7 @@ cudaError_t run_bwd_preprocess(const AttentionGradParams& p, cudaStream_t stream
 }
 
 cudaError_t zero_dmask(const AttentionGradParams& p, cudaStream_t stream) {
-  if (p.dmask == nullptr) return cudaSuccess;
+  if (p.dmask == nullptr && p.dmask64 == nullptr) return cudaSuccess;
   const bool batch_varies = p.dmask_view.batch_stride != 0 || p.dmask_view.batch_outer_stride != 0;
   const int64_t nb = batch_varies ? p.batch : 1, nh = p.dmask_view.head_stride != 0 ? p.num_heads : 1;
   const int64_t ni = p.dmask_view.row_stride != 0 ? p.seqlen_q : 1, nj = p.dmask_view.col_stride != 0 ? p.seqlen_k : 1;

@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_fwd_kernel(const Attenti
     if (d < p.headdim_v) store_from_acc(out + d, o[c] * inv);
   }
   if (lane == 0)
-    p.lse[row_array_offset<kVarlen>(p, b, h) + i] = row_sum > Acc(0) ? static_cast<float>(row_max + log(row_sum)) : -INFINITY;
+    row_lse(p, Acc{})[row_array_offset<kVarlen>(p, b, h) + i] = row_sum > Acc(0) ? row_max + log(row_sum) : Acc(-INFINITY);
 }
 
 // Shared by both backward kernels: P, dP and dS of one visible (i, j) pair.
@@ -142,7 +142,7 @@ __device__ __forceinline__ void simt_grad_element(const AttentionGradParams& p, 
   const Acc keep_scale = dropout_keep_scale<Acc>(p.dropout_p);
   dprob = kept ? dprob * keep_scale : Acc(0);
   const Acc ds = prob * (dprob - delta);
-  if (with_dmask) add_dmask(p, b, h, i, j, static_cast<float>(ds));
+  if (with_dmask) add_dmask(p, b, h, i, j, ds);  // in Acc: float64 for a float64 mask
   *prob_dropped = kept ? prob * keep_scale : Acc(0);
   *ds_qk = ds * softcap_grad * static_cast<Acc>(p.softmax_scale);
 }
@@ -175,8 +175,8 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dq_kernel(const Atte
   Acc dq[kSimtChunks];
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) dq[c] = 0;
-  const float lse = p.lse[row_array_offset<kVarlen>(p, b, h) + i];
-  const Acc delta = p.delta[row_array_offset<kVarlen>(p, b, h) + i];
+  const Acc lse = row_lse(p, Acc{})[row_array_offset<kVarlen>(p, b, h) + i];
+  const Acc delta = row_delta(p, Acc{})[row_array_offset<kVarlen>(p, b, h) + i];
   const int64_t key_begin = band_key_begin(p, i), key_end = lse == -INFINITY ? key_begin : band_key_end(p, i);
   for (int64_t j0 = key_begin; j0 < key_end; j0 += 32) {
     const int64_t j = j0 + lane;
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dq_kernel(const Atte
       const Acc s = row_dot(s_q, k + j * p.k_row_stride, p.headdim);
       const Acc dprob = row_dot(s_do, v + j * p.v_row_stride, p.headdim_v);
       Acc unused;
-      simt_grad_element<T, Acc>(p, mods, b, h, i, j, s, dprob, lse, delta, p.dmask != nullptr, &unused, &ds);
+      simt_grad_element<T, Acc>(p, mods, b, h, i, j, s, dprob, lse, delta, p.dmask != nullptr || p.dmask64 != nullptr, &unused, &ds);
     }
     const int64_t tile_keys = key_end - j0 < 32 ? key_end - j0 : 32;
     for (int jj = 0; jj < tile_keys; ++jj) {
@@ -255,11 +255,11 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_bwd_dkdv_kernel(const At
       const int64_t i = i0 + lane;
       Acc prob_dropped = 0, ds = 0;
       if (i < row_end && mods.visible(p, i, j)) {
-        const float lse = p.lse[rows + i];
+        const Acc lse = row_lse(p, Acc{})[rows + i];
         if (lse != -INFINITY) {
           const Acc s = row_dot(s_k, q + i * p.q_row_stride, p.headdim);
           const Acc dprob = row_dot(s_v, dout + i * p.do_row_stride, p.headdim_v);
-          simt_grad_element<T, Acc>(p, mods, b, h, i, j, s, dprob, lse, p.delta[rows + i], false,
+          simt_grad_element<T, Acc>(p, mods, b, h, i, j, s, dprob, lse, row_delta(p, Acc{})[rows + i], false,
                                     &prob_dropped, &ds);
         }
       }

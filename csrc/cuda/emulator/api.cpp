@@ -145,7 +145,9 @@ void guard_forward_inputs(AttentionParams& p, emu::GuardedBuffers& g) {
   p.philox_offset_ptr = g.guard("philox_offset", p.philox_offset_ptr, 8, false);
 }
 
-size_t rows_bytes(const AttentionParams& p) { return static_cast<size_t>(flashattn::row_array_rows(p)) * 4; }
+size_t rows_bytes(const AttentionParams& p, size_t element = 4) {
+  return static_cast<size_t>(flashattn::row_array_rows(p)) * element;
+}
 
 emu::Schedule schedule_of(int s) {
   switch (s) {
@@ -199,6 +201,7 @@ int run_fwd(const AttentionParams* params, const FlashattnEmulatorOptions* o, co
   p.out = g.guard("out", p.out, span4(x.batch, p.num_heads, x.rows_q, p.headdim_v, p.o_batch_stride,
                                        p.o_head_stride, p.o_row_stride, element_bytes(p.dtype)), true);
   p.lse = g.guard("lse", p.lse, rows_bytes(p), true);
+  p.lse64 = g.guard("lse", p.lse64, rows_bytes(p, 8), true);
   p.rng_state = g.guard("rng_state", p.rng_state, 16, true);
   if (p.num_splits > 1) {  // scratch: written by the split kernels, read by the combine
     const size_t rows = static_cast<size_t>(p.num_splits) * static_cast<size_t>(flashattn::row_array_rows(p));
@@ -224,6 +227,7 @@ int run_bwd(const AttentionGradParams* params, void* workspace, size_t workspace
   p.out = g.guard("out", p.out, span4(x.batch, p.num_heads, x.rows_q, p.headdim_v, p.o_batch_stride,
                                        p.o_head_stride, p.o_row_stride, e), false);
   p.lse = g.guard("lse", p.lse, rows_bytes(p), false);
+  p.lse64 = g.guard("lse", p.lse64, rows_bytes(p, 8), false);
   p.dout = g.guard("grad_out", p.dout, span4(x.batch, p.num_heads, x.rows_q, p.headdim_v, p.do_batch_stride,
                                               p.do_head_stride, p.do_row_stride, e), false);
   p.dq = g.guard("dq", p.dq, span4(x.batch, p.num_heads, x.rows_q, p.headdim, p.dq_batch_stride,
@@ -233,10 +237,15 @@ int run_bwd(const AttentionGradParams* params, void* workspace, size_t workspace
   p.dv = g.guard("dv", p.dv, span4(x.batch, p.num_heads_k, x.rows_k, p.headdim_v, p.dv_batch_stride,
                                     p.dv_head_stride, p.dv_row_stride, e), true);
   p.delta = g.guard("delta", p.delta, rows_bytes(p), true);
+  p.delta64 = g.guard("delta", p.delta64, rows_bytes(p, 8), true);
   if (p.dmask != nullptr)
     p.dmask = g.guard("dmask", p.dmask,
                       span_view(p.batch, p.num_heads, p.seqlen_q, p.seqlen_k, p.dmask_view, 4),
                       true);
+  if (p.dmask64 != nullptr)
+    p.dmask64 = g.guard("dmask", p.dmask64,
+                        span_view(p.batch, p.num_heads, p.seqlen_q, p.seqlen_k, p.dmask_view, 8),
+                        true);
   void* ws = g.guard("workspace", workspace, workspace_bytes, true);
   return run(g, report, [&] { return flashattn::cuda::run_bwd(p, ws, nullptr, o->sm_major, o->sm_minor); });
 }

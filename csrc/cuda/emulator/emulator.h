@@ -101,6 +101,7 @@ void named_barrier(int id, int threads, bool wait, Site site);  // bar.sync / ba
 // Global-memory operations and special functions.
 void red_add_f32(float* ptr, float value);
 float atomic_add(float* ptr, float value);
+double atomic_add(double* ptr, double value);
 int atomic_add(int* ptr, int value);
 int ld_acquire(const int* ptr);
 float ex2_approx_ftz(float x);

@@ -21,6 +21,11 @@ float atomic_add(float* ptr, float value) {
   *ptr = old + value;
   return old;
 }
+double atomic_add(double* ptr, double value) {
+  const double old = *ptr;
+  *ptr = old + value;
+  return old;
+}
 int atomic_add(int* ptr, int value) {
   const int old = *ptr;
   *ptr = old + value;

@@ -66,6 +66,7 @@ inline void __nanosleep(unsigned /*ns*/, FLASHATTN_EMU_SITE_PARAMS) {
 }
 inline void __threadfence(FLASHATTN_EMU_SITE_PARAMS) { ::flashattn::emu::spin_yield("__threadfence", FLASHATTN_EMU_SITE); }
 inline float atomicAdd(float* address, float value) { return ::flashattn::emu::atomic_add(address, value); }
+inline double atomicAdd(double* address, double value) { return ::flashattn::emu::atomic_add(address, value); }
 inline int atomicAdd(int* address, int value) { return ::flashattn::emu::atomic_add(address, value); }
 inline size_t __cvta_generic_to_shared(const void* ptr, FLASHATTN_EMU_SITE_PARAMS) {
   return ::flashattn::emu::shared_address(ptr, FLASHATTN_EMU_SITE);
