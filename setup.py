@@ -70,7 +70,9 @@ CPU_ISAS = {
 }
 # csrc/cpu/*.cpp compiled once per ISA; the rest of csrc is compiled once, for the baseline.
 CPU_BASELINE_SOURCES = ("csrc/cpu/blas.cpp",)
-CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-sign-compare", "-Wno-maybe-uninitialized"]
+# -g0: Python's CFLAGS (which torch's BuildExtension passes first) carry -g; debug info nearly
+# doubles the compile time of the large op-layer units (ops_varlen.cpp: 77 s -> 41 s).
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-sign-compare", "-Wno-maybe-uninitialized"]
 
 
 def cpu_isas():
