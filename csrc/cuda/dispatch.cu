@@ -349,8 +349,9 @@ cudaError_t run_bwd(const AttentionGradParams& params, void* workspace, cudaStre
   });
 }
 
-#define FLASHATTN_STR2(x) #x
-#define FLASHATTN_STR(x) FLASHATTN_STR2(x)
+// Variadic: with several archs in one nvcc call __CUDA_ARCH_LIST__ is "800,900".
+#define FLASHATTN_STR2(...) #__VA_ARGS__
+#define FLASHATTN_STR(...) FLASHATTN_STR2(__VA_ARGS__)
 
 const char* compiled_archs() {
 #ifdef __CUDA_ARCH_LIST__
