@@ -21,6 +21,7 @@
 #include "cpu/matmul_policy.h"
 #include "cpu/parallel.h"
 #include "cpu/scores.h"
+#include "cpu/scratch.h"
 #include "cpu/tiling.h"
 
 namespace flashattn::cpu::CPU_CAPABILITY {
@@ -30,14 +31,14 @@ template <typename Policy>
 struct BackwardWorkspace {
   using op_t = typename Policy::op_t;
   using acc_t = typename Policy::acc_t;
-  std::vector<op_t> q, dout;        // A operands widened (when not in place)
-  std::vector<op_t> k_t, v_t, k_b;  // Kᵀ, Vᵀ (B of S and dP), K (B of dQ)
-  std::vector<op_t> q_b, dout_b;    // Q, dO as B operands of dK, dV
-  std::vector<acc_t> s, dp;         // P and dP → dS, block_m × block_n
-  std::vector<acc_t> softcap_grad;  // 1 - tanh² of the softcap
-  std::vector<acc_t> staging;       // transposes before rounding to op_t
-  std::vector<op_t> p_t, ds_t, ds;  // Pᵀ, dSᵀ, dS as GEMM operands
-  std::vector<acc_t> dk, dv;        // block_n × headdim, block_n × headdim_v
+  Scratch<op_t> q, dout;        // A operands widened (when not in place)
+  Scratch<op_t> k_t, v_t, k_b;  // Kᵀ, Vᵀ (B of S and dP), K (B of dQ)
+  Scratch<op_t> q_b, dout_b;    // Q, dO as B operands of dK, dV
+  Scratch<acc_t> s, dp;         // P and dP → dS, block_m × block_n
+  Scratch<acc_t> softcap_grad;  // 1 - tanh² of the softcap
+  Scratch<acc_t> staging;       // transposes before rounding to op_t
+  Scratch<op_t> p_t, ds_t, ds;  // Pᵀ, dSᵀ, dS as GEMM operands
+  Scratch<acc_t> dk, dv;        // block_n × headdim, block_n × headdim_v
 
   BackwardWorkspace(const AttentionParams& prm, const Tiling& t) {
     const int64_t bm = t.block_m, bn = t.block_n, d = prm.headdim, dv_ = prm.headdim_v;
@@ -185,7 +186,7 @@ void backward_impl(const AttentionGradParams& p) {
 
   run_workers(num_tasks, [&](auto next) {
     BackwardWorkspace<Policy> ws(p, tiling);
-    std::vector<acc_t> dq_local;  // kTaskLocal: the task's dQ rows, group × seqlen_q × headdim
+    Scratch<acc_t> dq_local;  // kTaskLocal: the task's dQ rows, group × seqlen_q × headdim
     if (dq_mode == DqMode::kTaskLocal) dq_local.resize(group * p.seqlen_q * p.headdim);
     auto process = [&](int64_t b, int64_t hk, int64_t chunk) {
       if (dq_mode == DqMode::kTaskLocal) std::fill(dq_local.begin(), dq_local.end(), acc_t(0));

@@ -19,6 +19,7 @@
 #include "cpu/online_softmax.h"
 #include "cpu/parallel.h"
 #include "cpu/scores.h"
+#include "cpu/scratch.h"
 #include "cpu/tiling.h"
 
 namespace flashattn::cpu::CPU_CAPABILITY {
@@ -28,13 +29,13 @@ template <typename Policy>
 struct ForwardWorkspace {
   using op_t = typename Policy::op_t;
   using acc_t = typename Policy::acc_t;
-  std::vector<op_t> q;       // Q tile widened (only when A cannot be used in place)
-  std::vector<op_t> k_t;     // Kᵀ tile as the B operand of S = Q Kᵀ
-  std::vector<op_t> v;       // V tile as the B operand of O += P V (when not in place)
-  std::vector<acc_t> s;      // scores, then P, row-major block_m × block_n
-  std::vector<op_t> p;       // P as the A operand (when op_t differs from acc_t)
-  std::vector<acc_t> o;      // output accumulator, block_m × headdim_v
-  std::vector<acc_t> row_max, row_sum;
+  Scratch<op_t> q;       // Q tile widened (only when A cannot be used in place)
+  Scratch<op_t> k_t;     // Kᵀ tile as the B operand of S = Q Kᵀ
+  Scratch<op_t> v;       // V tile as the B operand of O += P V (when not in place)
+  Scratch<acc_t> s;      // scores, then P, row-major block_m × block_n
+  Scratch<op_t> p;       // P as the A operand (when op_t differs from acc_t)
+  Scratch<acc_t> o;      // output accumulator, block_m × headdim_v
+  Scratch<acc_t> row_max, row_sum;
 
   ForwardWorkspace(const AttentionParams& prm, const Tiling& t) {
     if (!Policy::kInPlaceA) q.resize(t.block_m * prm.headdim);
