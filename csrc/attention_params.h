@@ -121,6 +121,7 @@ struct AttentionParams {
   const int32_t* cu_seqlens_k = nullptr;
   const int32_t* seqused_k = nullptr;
   int64_t total_q = 0;
+  int64_t total_k = 0;   // rows of k and v (the Hopper forward's tensor maps span them)
   int64_t seq_row0 = 0;  // set by select_sequence: the sequence's first packed query row
 
   // Split-KV (flash-decoding; the CUDA varlen forward): with num_splits > 1 each (query block,
@@ -236,16 +237,33 @@ FLASHATTN_HOST_DEVICE const Params& block_params(const Params& params, Params& s
   }
 }
 
-// First and one-past-last visible key of query row i under the band (ignoring masks).
-FLASHATTN_HOST_DEVICE int64_t band_diag(const AttentionParams& p) {
+// One sequence's band: what band_key_begin / band_key_end read, for a kernel that keeps a
+// sequence's lengths apart from its params (the persistent Hopper forward, one sequence per work tile).
+// Its lengths are int: a sequence's rows are int32 (cu_seqlens, TMA coordinates), and the
+// narrower fields keep the kernel's consumers (240 registers at d = 256) from spilling.
+struct BandShape {
+  int seqlen_q, seqlen_k;
+  int64_t window_left, window_right;
+  bool bottom_right;
+};
+FLASHATTN_HOST_DEVICE BandShape band_shape(const AttentionParams& p, int64_t seqlen_q, int64_t seqlen_k) {
+  return {static_cast<int>(seqlen_q), static_cast<int>(seqlen_k), p.window_left, p.window_right, p.bottom_right};
+}
+
+// First and one-past-last visible key of query row i under the band (ignoring masks). P is
+// AttentionParams (its sequence after select_sequence) or a BandShape.
+template <class P>
+FLASHATTN_HOST_DEVICE int64_t band_diag(const P& p) {
   return p.bottom_right ? p.seqlen_k - p.seqlen_q : 0;
 }
-FLASHATTN_HOST_DEVICE int64_t band_key_begin(const AttentionParams& p, int64_t i) {
+template <class P>
+FLASHATTN_HOST_DEVICE int64_t band_key_begin(const P& p, int64_t i) {
   if (p.window_left < 0) return 0;
   const int64_t b = i + band_diag(p) - p.window_left;
   return b < 0 ? 0 : (b > p.seqlen_k ? p.seqlen_k : b);
 }
-FLASHATTN_HOST_DEVICE int64_t band_key_end(const AttentionParams& p, int64_t i) {
+template <class P>
+FLASHATTN_HOST_DEVICE int64_t band_key_end(const P& p, int64_t i) {
   if (p.window_right < 0) return p.seqlen_k;
   const int64_t e = i + band_diag(p) + p.window_right + 1;
   return e > p.seqlen_k ? p.seqlen_k : (e < 0 ? 0 : e);

@@ -192,6 +192,7 @@ void set_packed_strides(const at::Tensor& x, int64_t& batch_stride, int64_t& hea
 void set_cuda_packed(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const PackedSequences& s, const at::Tensor& alibi, std::vector<at::Tensor>& keep) {
   p.batch = s.cu_q.numel() - 1, p.seqlen_q = s.longest_q, p.seqlen_k = s.longest_k, p.total_q = q.size(0);
+  p.total_k = k.size(0);
   const auto on_device = [&](const at::Tensor& t) {  // the kernels read them (host tensors are copied over)
     keep.push_back(t.to(q.device(), at::kInt).contiguous());
     return keep.back().data_ptr<int32_t>();

@@ -5,7 +5,7 @@ build and under the host emulator with its Hopper instructions (emulated_cuda(ho
 The tolerance rule is test_cuda.py's: at most twice the error of the same math in the inputs'
 dtype, plus 1e-4. Outputs are poisoned before each run. Each emulated case also checks that the
 Hopper kernel ran (its blocks have 384 threads; the FA2 kernels' 128 or 256) or, for calls it does
-not take, that it did not. An emulator pass is not a GPU pass.
+not take, that it did not. Packed sequences (varlen) run on it too; a KV cache does not. An emulator pass is not a GPU pass.
 """
 
 import pytest
@@ -129,16 +129,57 @@ def test_calls_it_does_not_take_run_the_fa2_kernel(hopper):
     assert_close("misaligned", out, ref, reference(qs, k, v, dtype=q.dtype)[0])
 
 
-def test_varlen_runs_the_fa2_varlen_kernel(hopper):
-    """The Hopper forward is dense only: packed sequences take the FA2 varlen kernel, still exact."""
-    lens_q, lens_k = [5, 70, 0, 33], [9, 70, 4, 0]
-    cu_q, cu_k = (torch.tensor([0] + torch.tensor(x).cumsum(0).tolist(), dtype=torch.int32, device=ct.DEV)
-                  for x in (lens_q, lens_k))
-    q, k, v = rand(sum(lens_q), 2, 64), rand(sum(lens_k), 2, 64), rand(sum(lens_k), 2, 64)
-    out = run(lambda: flashattn_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 70, 70, causal=True),
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=ct.DEV)
+
+
+def check_varlen(lens_q, lens_k, heads=2, heads_k=2, d=64, name="varlen", expect_hopper=True, **kw):
+    """Packed sequences through flash_attn_varlen_func: out and lse against the per-sequence fp64 reference."""
+    q, k, v = rand(sum(lens_q), heads, d), rand(sum(lens_k), heads_k, d), rand(sum(lens_k), heads_k, d)
+    out, lse, _ = run(lambda: flashattn_ext.flash_attn_varlen_func(
+        q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), return_attn_probs=True, **kw), expect_hopper)
+    ref_kw = dict(causal=kw.get("causal", False), window=kw.get("window_size", (-1, -1)))
+    ref_out, ref_lse = reference_varlen(q.double(), k.double(), v.double(), lens_q, lens_k, **ref_kw)
+    base = reference_varlen(q, k, v, lens_q, lens_k, dtype=q.dtype, **ref_kw)[0]
+    assert_close(f"{name} out", out, ref_out, base)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), f"{name}: lse -inf pattern differs"
+    assert torch.allclose(lse[finite], ref_lse[finite].float(), atol=2e-2, rtol=0), f"{name}: lse"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen(hopper, causal):
+    """Packed sequences on the Hopper kernel: boxes start at each sequence's first row and run into
+    the next sequence (masked like a sequence end); empty sequences (no queries, no keys) and L != S
+    per sequence, bottom-right aligned; the lengths not multiples of the 128-row tiles."""
+    check_varlen([5, 170, 0, 33, 129], [9, 140, 4, 0, 260], name=f"varlen causal={causal}", causal=causal)
+
+
+@pytest.mark.parametrize("d,heads,heads_k", [(128, 4, 1), (256, 2, 2)])
+def test_varlen_head_dims_and_gqa(hopper, d, heads, heads_k):
+    check_varlen([70, 1, 200], [90, 300, 64], heads=heads, heads_k=heads_k, d=d, name=f"varlen d={d} GQA {heads}/{heads_k}",
+                 causal=True)
+
+
+def test_varlen_window_and_persistent_ctas(hopper, monkeypatch):
+    """A sliding window per sequence, with fewer CTAs than work tiles (tiles past a sequence's end
+    are skipped without breaking the mbarrier phases or the ping-pong turns)."""
+    monkeypatch.setenv("FLASHATTN_CUDA_SM90_GRID", "3")
+    check_varlen([300, 20, 140, 0, 260], [300, 150, 140, 7, 200], name="varlen window, 3 CTAs", window_size=(40, 8))
+
+
+def test_kvcache_runs_the_fa2_varlen_kernel(hopper):
+    """A KV cache (seqused_k, split-KV) stays on the FA2 varlen kernels, still exact."""
+    B, S, H, D = 2, 150, 2, 64
+    q, kc, vc = rand(B, 3, H, D), rand(B, S, H, D), rand(B, S, H, D)
+    lens = torch.tensor([150, 77], dtype=torch.int32, device=ct.DEV)
+    out = run(lambda: flashattn_ext.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True),
               expect_hopper=False)
-    ref = reference_varlen(q.double(), k.double(), v.double(), lens_q, lens_k, causal=True)[0]
-    assert_close("varlen", out, ref, reference_varlen(q, k, v, lens_q, lens_k, causal=True, dtype=q.dtype)[0])
+    ref = reference_varlen(q.flatten(0, 1).double(), torch.cat([kc[0], kc[1, :77]]).double(),
+                           torch.cat([vc[0], vc[1, :77]]).double(), [3, 3], [150, 77], causal=True)[0]
+    base = reference_varlen(q.flatten(0, 1), torch.cat([kc[0], kc[1, :77]]), torch.cat([vc[0], vc[1, :77]]),
+                            [3, 3], [150, 77], causal=True, dtype=q.dtype)[0]
+    assert_close("kvcache", out.flatten(0, 1), ref, base)
 
 
 @pytest.mark.cuda_emulated

@@ -219,10 +219,11 @@ int select_sm90_bucket(const AttentionParams& p) {
   return bucket;
 }
 
-// The Hopper forward where it takes the call (plain dense attention, 16-byte aligned rows);
-// cudaErrorNotSupported where it does not.
+// The Hopper forward where it takes the call (plain attention, dense or packed sequences, 16-byte
+// aligned rows; not a KV cache's seqused_k, pages or split-KV); cudaErrorNotSupported where it does not.
 cudaError_t run_fwd_sm90(const AttentionParams& p, cudaStream_t stream, int sm_major) {
-  if (!sm90_kernels_enabled(sm_major) || has_extras(p) || p.cu_seqlens_q != nullptr || !fwd_vectorized(p) ||
+  const bool cache_varlen = p.seqused_k != nullptr || p.block_table != nullptr || p.num_splits > 1;
+  if (!sm90_kernels_enabled(sm_major) || has_extras(p) || cache_varlen || !fwd_vectorized(p) ||
       tensor_core_unsupported_reason(p, sm_major) != nullptr)
     return cudaErrorNotSupported;
   const int bucket = select_sm90_bucket(p);

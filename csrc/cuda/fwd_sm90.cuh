@@ -17,10 +17,16 @@
 // 64 columns (128 bytes) wide; a head dim of 128 or 256 is 2 or 4 such column panels. The maps
 // zero-fill past the sequence ends and the head dim, so tile edges need no code. Key blocks run
 // from last to first as in the FA2 kernel.
+// Varlen (cu_seqlens_q set; no seqused_k, pages or splits: those take the FA2 varlen kernel): the
+// maps span the packed rows (head dim, total rows, head, 1) and a work tile's boxes start at its
+// sequence's first row; rows of a box past the sequence's end are the next sequence's (or, past
+// the last row, zeros): their keys are masked like the sequence end of a dense tile (a finite
+// value times P = 0), their query rows are neither stored nor given an lse. Work tiles are
+// (query block of the longest sequence) x (sequence, head); those past a sequence's end are skipped.
 // FA3's two schedules are here: the consumers ping-pong their GEMMs (named barriers), and within a
 // consumer the next tile's Q K^T overlaps the softmax while P V runs. Not yet here (see
 // csrc/cuda/README.md): the extras (masks, dropout, ALiBi, softcap, block-sparse: those run on the
-// FA2 kernel), varlen, the backward.
+// FA2 kernel), varlen with a KV cache (seqused_k, pages, split-KV), the backward.
 #pragma once
 
 #include <cmath>
@@ -86,19 +92,30 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // blocks go first and the light ones fill in behind them (longest-processing-time order).
   const int64_t bhs = p.batch * p.num_heads;
   const int64_t total = (p.seqlen_q + kBlockM - 1) / kBlockM * bhs;
+  // A work tile: query rows [m0, m_last] of (b, h), its key blocks [n_min, n_max); its sequence's
+  // band, and the sequence's first packed rows (q_row0, k_row0; 0 for dense). Empty past the
+  // sequence's end (varlen).
+  const bool varlen = p.cu_seqlens_q != nullptr;
   struct Work {
-    int64_t b, h, h_k, bh, m0, m_last, n_min, n_max;
+    int b, h, h_k, bh, m0, m_last, n_min, n_max, q_row0, k_row0;  // int: see BandShape
+    BandShape band;
+    __device__ bool empty() const { return m0 >= band.seqlen_q; }
   };
   auto work_at = [&](int64_t t) {
     Work w;
-    w.bh = t % bhs;
+    w.bh = static_cast<int>(t % bhs);
     w.b = w.bh / p.num_heads, w.h = w.bh % p.num_heads;
     w.h_k = w.h / (p.num_heads / p.num_heads_k);
-    w.m0 = ((p.seqlen_q + kBlockM - 1) / kBlockM - 1 - t / bhs) * kBlockM;
-    w.m_last = (p.seqlen_q - w.m0 < kBlockM ? p.seqlen_q : w.m0 + kBlockM) - 1;
-    const int64_t key_begin = band_key_begin(p, w.m0), key_end = band_key_end(p, w.m_last);
-    w.n_min = key_begin / kBlockN;
-    w.n_max = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : w.n_min;
+    w.q_row0 = varlen ? p.cu_seqlens_q[w.b] : 0;
+    w.k_row0 = varlen ? p.cu_seqlens_k[w.b] : 0;
+    w.band = varlen ? band_shape(p, p.cu_seqlens_q[w.b + 1] - w.q_row0, p.cu_seqlens_k[w.b + 1] - w.k_row0)
+                    : band_shape(p, p.seqlen_q, p.seqlen_k);
+    w.m0 = static_cast<int>(((p.seqlen_q + kBlockM - 1) / kBlockM - 1 - t / bhs) * kBlockM);
+    const int64_t len_q = w.band.seqlen_q;
+    w.m_last = static_cast<int>((len_q - w.m0 < kBlockM ? len_q : w.m0 + kBlockM) - 1);
+    const int64_t key_begin = band_key_begin(w.band, w.m0), key_end = band_key_end(w.band, w.m_last);
+    w.n_min = static_cast<int>(key_begin / kBlockN);
+    w.n_max = key_end > key_begin ? static_cast<int>((key_end + kBlockN - 1) / kBlockN) : w.n_min;
     return w;
   };
 
@@ -121,26 +138,29 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     setmaxnreg_dec<Traits::kProducerRegs>();
     if (threadIdx.x == 0) {
       int ring = 0, iter = 0;  // K/V tiles and work tiles so far: the stages' and Q's phases
-      for (int64_t t = blockIdx.x; t < total; t += gridDim.x, ++iter) {
+      for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
         const Work w = work_at(t);
+        if (w.empty()) continue;  // the consumers skip it too
+        const int batch = varlen ? 0 : static_cast<int>(w.b);
         mbar_wait(q_empty, (iter & 1) ^ 1);  // the first work tile finds Q free
+        ++iter;
         mbar_arrive_expect_tx(bar_q, Traits::kQBytes);
         for (int pn = 0; pn < kPanels; ++pn)
-          tma_load_4d(sQ + pn * Traits::kPanelQ, &tm_q, bar_q, 64 * pn, static_cast<int>(w.m0), static_cast<int>(w.h),
-                      static_cast<int>(w.b));
+          tma_load_4d(sQ + pn * Traits::kPanelQ, &tm_q, bar_q, 64 * pn, static_cast<int>(w.q_row0 + w.m0),
+                      static_cast<int>(w.h), batch);
         for (int64_t n_block = w.n_max - 1; n_block >= w.n_min; --n_block, ++ring) {
           const int s = ring % kStages;
           const uint32_t phase = (ring / kStages) & 1;
           mbar_wait(&empty[s], phase ^ 1);  // the first pass through the ring finds every stage free
-          const int n0 = static_cast<int>(n_block * kBlockN);
+          const int n0 = static_cast<int>(w.k_row0 + n_block * kBlockN);
           mbar_arrive_expect_tx(&full_k[s], Traits::kKVBytes);
           for (int pn = 0; pn < kPanels; ++pn)
             tma_load_4d(sK + s * Traits::kKVBytes + pn * Traits::kPanelKV, &tm_k, &full_k[s], 64 * pn, n0,
-                        static_cast<int>(w.h_k), static_cast<int>(w.b));
+                        static_cast<int>(w.h_k), batch);
           mbar_arrive_expect_tx(&full_v[s], Traits::kKVBytes);
           for (int pn = 0; pn < kPanels; ++pn)
             tma_load_4d(sV + s * Traits::kKVBytes + pn * Traits::kPanelKV, &tm_v, &full_v[s], 64 * pn, n0,
-                        static_cast<int>(w.h_k), static_cast<int>(w.b));
+                        static_cast<int>(w.h_k), batch);
         }
       }
     }
@@ -199,8 +219,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   if (consumer == 1) your_turn();
   int ring = 0, iter = 0;
-  for (int64_t t = blockIdx.x; t < total; t += gridDim.x, ++iter) {
+  for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
     const Work w = work_at(t);
+    if (w.empty()) continue;
     zero(acc_o);
     OnlineSoftmax<1> softmax(static_cast<float>(p.softmax_scale) * kLog2e);
     // The band and the sequence ends, only where the tile needs them; then the softmax step
@@ -212,10 +233,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) fence_operand(acc_s[0][nt][e]);
       const int64_t n0 = n_block * kBlockN;
-      if (!(n0 + kBlockN <= p.seqlen_k && band_key_begin(p, w.m_last) <= n0 && band_key_end(p, w.m0) >= n0 + kBlockN)) {
+      if (!(n0 + kBlockN <= w.band.seqlen_k && band_key_begin(w.band, w.m_last) <= n0 &&
+            band_key_end(w.band, w.m0) >= n0 + kBlockN)) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const KeyInterval keys = band_interval<kBlockN>(p, w.m0 + row0 + acc.g + 8 * half, n0);
+          const KeyInterval keys = band_interval<kBlockN>(w.band, w.m0 + row0 + acc.g + 8 * half, n0);
 #pragma unroll
           for (int nt = 0; nt < kBlockN / 8; ++nt)
 #pragma unroll
@@ -236,6 +258,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     auto stage_of = [&](int j) { return (ring + j) % kStages; };
     auto phase_of = [&](int j) { return static_cast<uint32_t>(((ring + j) / kStages) & 1); };
     mbar_wait(bar_q, iter & 1);
+    ++iter;
     if (n_tiles == 0) {
       if (lane0) mbar_arrive(q_empty);
     } else {
@@ -286,16 +309,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
 
     // Epilogue: O /= row_sum, lse; rows that saw no key: O = 0, lse = -inf. Straight from registers.
-    float* lse = p.lse + w.bh * p.seqlen_q;
+    // The per-row arrays: (batch, heads, seqlen_q), or (heads, total_q) for varlen.
+    float* lse = p.lse + (varlen ? w.h * p.total_q + w.q_row0 : w.bh * p.seqlen_q);
     softmax.finalize(acc_o, 1.f, [&](int, int half, auto&& row_lse) {
       const int64_t row = w.m0 + row0 + acc.g + 8 * half;
-      if (acc.t == 0 && row < p.seqlen_q) lse[row] = row_lse();
+      if (acc.t == 0 && row < w.band.seqlen_q) lse[row] = row_lse();
     });
-    Element* out = static_cast<Element*>(p.out) + w.b * p.o_batch_stride + w.h * p.o_head_stride;
+    Element* out = static_cast<Element*>(p.out) + w.b * p.o_batch_stride + w.q_row0 * p.o_row_stride +
+                   w.h * p.o_head_stride;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int64_t row = w.m0 + row0 + acc.g + 8 * half;
-      if (row >= p.seqlen_q) continue;
+      if (row >= w.band.seqlen_q) continue;
 #pragma unroll
       for (int nt = 0; nt < kHeadDim / 8; ++nt) {
         const int col = acc.col(0, nt, 0);

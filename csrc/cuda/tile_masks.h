@@ -16,8 +16,8 @@ namespace flashattn::cuda {
 struct KeyInterval {
   int lo, hi;
 };
-template <int kWidth>
-__device__ __forceinline__ KeyInterval band_interval(const AttentionParams& p, int64_t i, int64_t n0) {
+template <int kWidth, class P>
+__device__ __forceinline__ KeyInterval band_interval(const P& p, int64_t i, int64_t n0) {
   const int64_t begin = band_key_begin(p, i) - n0, end = band_key_end(p, i) - n0;
   const int lo = static_cast<int>(begin < 0 ? 0 : (begin > kWidth ? kWidth : begin));
   const int hi = i >= p.seqlen_q ? 0 : static_cast<int>(end < 0 ? 0 : (end > kWidth ? kWidth : end));

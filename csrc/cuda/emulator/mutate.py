@@ -160,6 +160,14 @@ MUTANTS = [
     ("M48", "cuda/fwd_kernel.cuh", "const int64_t row0 = to_partial ? split_row(p, split_index(),",
      "const int64_t row0 = to_partial ? split_row(p, 0,", "split-KV: every split writes split 0's partial rows",
      "tests/test_cuda_kvcache.py::test_splits_agree"),
+    ("M49", "cuda/fwd_sm90.cuh", "const int n0 = static_cast<int>(w.k_row0 + n_block * kBlockN);",
+     "const int n0 = static_cast<int>(n_block * kBlockN);",
+     "Hopper varlen: every sequence's keys loaded from the first sequence's rows",
+     "tests/test_cuda_sm90.py::test_varlen and causal"),
+    ("M50", "cuda/fwd_sm90.cuh", "if (acc.t == 0 && row < w.band.seqlen_q) lse[row] = row_lse();",
+     "if (acc.t == 0 && row < p.seqlen_q) lse[row] = row_lse();",
+     "Hopper varlen: lse stored for rows past the sequence's end (the next sequence's)",
+     "tests/test_cuda_sm90.py::test_varlen and full"),
 ]
 
 # Report text -> the check that fired.
