@@ -8,7 +8,7 @@
 # ranges / deterministic turns / block-sparse mapping / pipeline schedules
 # (csrc/cuda/tools/check_schedules.py) disagrees.
 #
-#   FLASHATTN_CI_ARCHS="80 90a"  architectures (default: both; the Hopper forward, fwd_sm90_*.cu,
+#   FLASHATTN_CI_ARCHS="80 90a"  architectures (default: both; the Hopper kernels, *_sm90_*.cu,
 #                                only for 90a: for other targets its kernels are empty)
 #   FLASHATTN_CI_JOBS=2          parallel nvcc processes
 #   FLASHATTN_CI_MODELS_CHECKED=1 skip the two model checks (.ci/run: the test suite just ran them,
@@ -86,7 +86,7 @@ T0=$SECONDS
 for f in "${FILES[@]}"; do
   archs=""
   for a in $ARCHS; do
-    [[ "$f" == *fwd_sm90_* && "$a" != 90a ]] && continue
+    [[ "$f" == *_sm90_* && "$a" != 90a ]] && continue
     archs+=" $a"
   done
   [[ -n "$archs" ]] && echo "$f$archs"
@@ -156,8 +156,8 @@ for r, n in zip(rows, names):
     m = re.match(r"void fwd_kernel<FwdTraits<\w+, (\d+),", key[0])
     if m and int(m.group(1)) <= 128 and (r["spill_st"] or r["spill_ld"]):
         bad.append(lines[-1])
-    if key[0].startswith("void fwd_sm90_kernel") and (r["spill_st"] or r["spill_ld"] or r["stack"]):
-        bad.append(lines[-1])  # the Hopper forward: no spill at any head dim
+    if key[0].startswith(("void fwd_sm90_kernel", "void bwd_sm90_kernel")) and (r["spill_st"] or r["spill_ld"] or r["stack"]):
+        bad.append(lines[-1])  # the Hopper kernels: no spill at any head dim
 summary = "\n".join(sorted(lines, key=lambda s: (s.split("  ")[-1], s[:6])))
 sm90 = open("csrc/cuda/fwd_sm90.cuh").read()
 regs = dict(re.findall(r"k(Producer|Consumer)Regs = (\d+)", sm90))
@@ -168,7 +168,7 @@ text = f"ptxas summary ({len(lines)} kernels, compile wall time {elapsed} s)\n{s
 open(report + ".summary", "w").write(text)
 print(text)
 if bad:
-    print("FAIL: forward kernels for head dims <= 128 (any head dim for the Hopper forward) spill:\n" + "\n".join(bad))
+    print("FAIL: forward kernels for head dims <= 128 (any head dim for the Hopper kernels) spill:\n" + "\n".join(bad))
     sys.exit(1)
 PY
 echo "compile_cuda.sh: done in ${ELAPSED} s; report $REPORT"

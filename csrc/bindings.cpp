@@ -54,7 +54,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Testing: route CPU tensors through the emulated CUDA kernels (schedule 0 lockstep, 1 warp "
         "ascending, 2 warp descending, 3 random; cp.async landing; emulated sm; the sm_90a kernels).");
   m.def("emulating_cuda", &flashattn::emulating_cuda);
-  m.def("emulator_stats", &flashattn::emulator_stats, "Testing: (launches, blocks, threads) the emulator has run.");
+  m.def("emulator_stats", &flashattn::emulator_stats, "Testing: (launches, blocks, threads, wgmma ops) the emulator has run.");
   m.def("emulator_compiled", &flashattn::emulator_compiled);
   m.def("emulator_selftest", &flashattn::emulator_selftest,
         "Testing: run one of the emulator's planted-bug kernels; its report ('' if it found nothing).");

@@ -82,7 +82,8 @@ bool emulating_cuda() { return emulator().enabled; }
 std::vector<int64_t> emulator_stats() {
   FlashattnEmulatorStats st{};
   api().stats(&st);
-  return {static_cast<int64_t>(st.launches), static_cast<int64_t>(st.blocks), static_cast<int64_t>(st.threads)};
+  return {static_cast<int64_t>(st.launches), static_cast<int64_t>(st.blocks), static_cast<int64_t>(st.threads),
+          static_cast<int64_t>(st.wgmma)};
 }
 
 std::string emulator_compiled(bool headdims) {

@@ -73,9 +73,10 @@ def emulated_cuda(schedule="lockstep", seed=1, copies_land_at_issue=False, sm=(9
 
 
 def emulator_stats():
-    """What the emulator has run so far in this process: {"launches", "blocks", "threads"}."""
-    launches, blocks, threads = _C.emulator_stats()
-    return {"launches": launches, "blocks": blocks, "threads": threads}
+    """What the emulator has run so far in this process: {"launches", "blocks", "threads", "wgmma"}
+    (wgmma: warpgroup wgmma ops, which only the Hopper kernels issue)."""
+    launches, blocks, threads, wgmma = _C.emulator_stats()
+    return {"launches": launches, "blocks": blocks, "threads": threads, "wgmma": wgmma}
 
 
 def emulator_selftest(name, schedule="lockstep"):

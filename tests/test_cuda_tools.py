@@ -40,5 +40,6 @@ def test_schedule_model():
 
 def test_instantiation_files_match_the_table():
     run("generate_instantiations.py", "--check")
-    assert len(table.entries()) == (2 * len(table.headdims()) + len(table.sm90_headdims())) * len(table.dtypes())
+    assert len(table.entries()) == (2 * len(table.headdims()) + len(table.sm90_headdims()) +
+                                    len(table.sm90_bwd_headdims())) * len(table.dtypes())
     assert set(table.sm90_headdims()) <= set(table.headdims())

@@ -28,6 +28,8 @@
 #define FLASHATTN_CUDA_DTYPES fp16, bf16
 // The buckets with a Hopper (sm_90a) forward as well (instantiations/fwd_sm90_hdim<D>_<dtype>.cu).
 #define FLASHATTN_CUDA_SM90_HEADDIMS 64, 128, 256
+// ... and a Hopper backward (instantiations/bwd_sm90_hdim<D>_<dtype>.cu).
+#define FLASHATTN_CUDA_SM90_BWD_HEADDIMS 64, 128
 
 namespace flashattn::cuda {
 
@@ -35,8 +37,14 @@ namespace table {
 enum Dtype { fp16, bf16 };
 inline constexpr int kHeadDims[] = {FLASHATTN_CUDA_HEADDIMS};
 inline constexpr int kSm90HeadDims[] = {FLASHATTN_CUDA_SM90_HEADDIMS};
+inline constexpr int kSm90BwdHeadDims[] = {FLASHATTN_CUDA_SM90_BWD_HEADDIMS};
 constexpr bool is_sm90_bucket(int d) {
   for (int x : kSm90HeadDims)
+    if (x == d) return true;
+  return false;
+}
+constexpr bool is_sm90_bwd_bucket(int d) {
+  for (int x : kSm90BwdHeadDims)
     if (x == d) return true;
   return false;
 }

@@ -299,17 +299,4 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
   store_tile<TileK, Traits::kThreads>(dv, p.dv_row_stride, sV, keys, static_cast<int>(p.headdim_v), vectorized);
 }
 
-// dQ = scale * dq_accum, converted to the element type, through dQ's strides.
-template <typename Element>
-__global__ void dq_convert_kernel(const AttentionGradParams p, int dq_accum_row_stride) {
-  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y;  // over batch * heads * seqlen_q
-  if (row >= p.batch * p.num_heads * p.seqlen_q) return;
-  const int64_t bh = row / p.seqlen_q, i = row % p.seqlen_q;
-  const int64_t b = bh / p.num_heads, h = bh % p.num_heads;
-  const float* src = p.dq_accum + row * dq_accum_row_stride;
-  const float scale = static_cast<float>(p.softmax_scale);
-  Element* dst = static_cast<Element*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + i * p.dq_row_stride;
-  for (int d = threadIdx.x; d < p.headdim; d += blockDim.x) dst[d] = static_cast<Element>(src[d] * scale);
-}
-
 }  // namespace flashattn::cuda

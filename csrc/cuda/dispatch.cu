@@ -238,6 +238,25 @@ cudaError_t run_fwd_sm90(const AttentionParams& p, cudaStream_t stream, int sm_m
   return err;
 }
 
+// The Hopper backward where it takes the call: dense plain attention, not deterministic, 16-byte
+// aligned rows, a head dim whose FA2 bucket (the dq_accum row stride) has a Hopper backward;
+// cudaErrorNotSupported where it does not (before anything ran).
+cudaError_t run_bwd_sm90(const AttentionGradParams& p, cudaStream_t stream, int sm_major) {
+  if (!sm90_kernels_enabled(sm_major) || has_extras(p) || p.cu_seqlens_q != nullptr || p.deterministic ||
+      !bwd_vectorized(p) || tensor_core_unsupported_reason(p, sm_major) != nullptr)
+    return cudaErrorNotSupported;
+  const int bucket = select_bucket(p);
+  cudaError_t err = cudaErrorNotSupported;
+  for_each_built_dtype([&](auto element) {
+    if (dtype_of<typename decltype(element)::type>() != p.dtype) return;
+    for_each_built_bucket([&](auto d) {
+      if constexpr (table::is_sm90_bwd_bucket(decltype(d)::value))
+        if (d() == bucket) err = launch_bwd_sm90<typename decltype(element)::type, decltype(d)::value>(p, stream);
+    });
+  });
+  return err;
+}
+
 }  // namespace
 
 namespace {
@@ -342,6 +361,7 @@ cudaError_t run_bwd(const AttentionGradParams& params, void* workspace, cudaStre
     err = cudaMemsetAsync(workspace, 0, w.dq_accum_bytes + w.semaphore_bytes, stream);
     if (err != cudaSuccess) return err;
   }
+  if (err = run_bwd_sm90(p, stream, sm_major); err != cudaErrorNotSupported) return err;
   LaunchOptions opt;
   opt.vectorized = bwd_vectorized(p);
   opt.extras = has_extras(p);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "bwd_kernel.cuh"
+#include "dq_convert.cuh"
 #include "fwd_kernel.cuh"
 #include "grid.h"
 #include "kernel_configs.h"
@@ -71,12 +72,7 @@ cudaError_t launch_bwd(const AttentionGradParams& p, const LaunchOptions& opt, c
              : (opt.extras ? launch_bwd_kernel<typename Config::TraitsExtras>(p, opt, stream)
                            : launch_bwd_kernel<typename Config::Traits>(p, opt, stream));
   if (err != cudaSuccess) return err;
-  const AttentionGradParams rows_p = packed_rows(p);
-  const int64_t rows = row_array_rows(rows_p);
-  if (rows == 0) return cudaSuccess;
-  FLASHATTN_LAUNCH(static_cast<unsigned>(ceil_div(rows, 8)), dim3(32, 8), 0, stream, dq_convert_kernel<Element>)(rows_p,
-                                                                                                                kHeadDim);
-  return cudaGetLastError();
+  return launch_dq_convert<Element>(p, kHeadDim, stream);
 }
 
 }  // namespace flashattn::cuda

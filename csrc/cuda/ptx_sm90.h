@@ -95,6 +95,15 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const TensorMap* map, uin
       : "memory");
 }
 
+// A box of a rank-1 tensor map (fp32 rows: lse, delta) at coordinate c0, completing on bar.
+__device__ __forceinline__ void tma_load_1d(void* dst, const TensorMap* map, uint64_t* bar, int c0) {
+  asm volatile(
+      "cp.async.bulk.tensor.1d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3}], [%2];\n" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0)
+      : "memory");
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int kPending>

@@ -20,7 +20,7 @@ struct FlashattnEmulatorOptions {
 };
 
 struct FlashattnEmulatorStats {
-  uint64_t launches, blocks, threads;
+  uint64_t launches, blocks, threads, wgmma;  // wgmma: warpgroup wgmma ops (the Hopper kernels ran)
 };
 
 struct FlashattnEmulatorApi {
@@ -44,7 +44,7 @@ struct FlashattnEmulatorApi {
   int (*selftest)(const char* name, const FlashattnEmulatorOptions* o, const char** report);
 };
 
-constexpr int kFlashattnEmulatorAbi = 3;
+constexpr int kFlashattnEmulatorAbi = 4;
 
 // The library's one exported symbol.
 __attribute__((visibility("default"))) const FlashattnEmulatorApi* flashattn_emulator_api();

@@ -295,6 +295,8 @@ void read_operand(const Descriptor& d, int rows, bool mn_major, MmaType type, in
 }  // namespace
 
 int g_wgmma_in_flight = 0;
+uint64_t g_wgmma_ops = 0;
+uint64_t hopper_wgmma_ops() { return g_wgmma_ops; }
 
 void hopper_check_register_access(const void* addr, size_t bytes, bool write) {
   const Lane& me = current();
@@ -582,6 +584,7 @@ void wgmma_mma(float* d, int n, uint64_t desc_a, const uint32_t* a_regs, uint64_
     c.last_op = g.next_op;
     g.ops[g.next_op++] = std::move(op);
     ++g_wgmma_in_flight;
+    ++g_wgmma_ops;
   });
   // Read after the warpgroup's last thread made the op; the next op cannot complete without us.
   me.hopper.wgmma_uncommitted.push_back(c.last_op);

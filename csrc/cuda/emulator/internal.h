@@ -123,6 +123,7 @@ void hopper_begin_block();
 void hopper_end_block();
 void hopper_lane_exit(Lane& lane);
 void hopper_block_barrier();
+uint64_t hopper_wgmma_ops();  // warpgroup wgmma ops made so far in this process
 bool hopper_active();  // an mbarrier was initialized in this block
 uint32_t hopper_observed(const Lane& lane, uint32_t bar_offset);  // completed phases of that mbarrier it saw
 uint32_t hopper_arrive_count(int warp);  // mbarrier arrives by that warp so far (+ block barriers)

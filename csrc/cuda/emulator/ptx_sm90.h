@@ -48,6 +48,11 @@ inline void tma_load_4d(void* dst, const TensorMap* map, uint64_t* bar, int c0, 
   emu::tma_load(dst, &map->data, bar, coords, FLASHATTN_EMU_SITE);
 }
 
+inline void tma_load_1d(void* dst, const TensorMap* map, uint64_t* bar, int c0, FLASHATTN_EMU_SITE_PARAMS) {
+  const int coords[1] = {c0};
+  emu::tma_load(dst, &map->data, bar, coords, FLASHATTN_EMU_SITE);
+}
+
 inline void wgmma_fence(FLASHATTN_EMU_SITE_PARAMS) { emu::wgmma_fence(FLASHATTN_EMU_SITE); }
 inline void wgmma_commit(FLASHATTN_EMU_SITE_PARAMS) { emu::wgmma_commit(FLASHATTN_EMU_SITE); }
 template <int kPending>

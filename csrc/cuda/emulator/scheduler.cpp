@@ -508,6 +508,7 @@ void stats(FlashattnEmulatorStats* out) {
   out->launches = state().launches;
   out->blocks = state().blocks;
   out->threads = state().threads;
+  out->wgmma = hopper_wgmma_ops();
 }
 
 bool address_in_fiber_guard(const void* addr) {

@@ -31,6 +31,11 @@ def sm90_headdims():
     return [int(x) for x in _list("FLASHATTN_CUDA_SM90_HEADDIMS")]
 
 
+def sm90_bwd_headdims():
+    """The buckets that also have a Hopper (sm_90a) backward: [64, 128]."""
+    return [int(x) for x in _list("FLASHATTN_CUDA_SM90_BWD_HEADDIMS")]
+
+
 def instantiation_file(direction, headdim, dtype):
     """Path relative to csrc/cuda of the translation unit of one table entry."""
     return f"instantiations/{direction}_hdim{headdim}_{dtype}.cu"
@@ -39,7 +44,8 @@ def instantiation_file(direction, headdim, dtype):
 def entries():
     """(direction, head dim, dtype) for every table entry."""
     return ([(direction, d, t) for direction in ("fwd", "bwd") for d in headdims() for t in dtypes()] +
-            [("fwd_sm90", d, t) for d in sm90_headdims() for t in dtypes()])
+            [("fwd_sm90", d, t) for d in sm90_headdims() for t in dtypes()] +
+            [("bwd_sm90", d, t) for d in sm90_bwd_headdims() for t in dtypes()])
 
 
 def tile_configs(build_dir=None):

@@ -1,0 +1,335 @@
+// FlashAttention backward for Hopper (sm_90a): TMA loads tracked by mbarriers, wgmma for all five
+// products, warp specialization. One CTA per (key block of 128 keys, kv head, batch), as in the
+// FA2 backward (bwd_kernel.cuh: the same loop over the GQA group's query heads and the query
+// blocks that meet the key block, the same dq_accum / dq_convert), three warpgroups:
+//   warpgroup 0, the producer: gives its registers back (setmaxnreg.dec); one thread loads K_j
+//     and V_j once, then Q_i and dO_i of every (query head, query block) into a ring of kStages
+//     stages, each with a "full" barrier (transaction bytes) and an "empty" barrier the consumer
+//     warps arrive on when they are done with it;
+//   warpgroups 1 and 2, the consumers: 64 keys each (one m64 wgmma row block), registers raised.
+//     Per query block of 64 rows:
+//       S^T  = K_c Q_i^T,  dP^T = V_c dO_i^T             (wgmma, both operands in shared memory)
+//       P^T  = exp2(S^T * scale * log2e - lse_i * log2e), dS^T = P^T o (dP^T - D_i)   (registers)
+//       dV_c += P^T dO_i,  dK_c += dS^T Q_i              (wgmma, A = P^T / dS^T from registers,
+//                                                         B = dO_i / Q_i MN-major: no transposes)
+//       dQ_i += dS_c K_c                                 (wgmma: dS stored to shared memory
+//                                                         transposed, K-major; K_c MN-major),
+//                                                         fp32 red.add into dq_accum
+//     dK_c, dV_c stay in fp32 registers across the loop and are stored once (dK scaled).
+// The accumulators of wgmma have mma.sync's row layout, so the band / sequence-end masks are the
+// FA2 backward's (keys are the rows of S^T, queries the columns). Q, K, V, dO are read through the
+// forward's rank-4 tensor maps (64-column panels, 128-byte swizzle; zero-fill past the ends).
+// Not here (the FA2 backward runs): the extras, varlen, deterministic mode (the two consumers add
+// their dQ_i in no fixed order), head dim 256 (dK and dV alone would be 256 registers per thread).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "../attention_params.h"
+#include "ptx.h"
+#include "ptx_sm90.h"
+#include "tile_masks.h"
+#include "warp_gemm.h"
+
+namespace flashattn::cuda {
+
+template <typename Element_, int kHeadDim_>
+struct Sm90BwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kConsumers = 2;           // consumer warpgroups, 64 keys each
+  static constexpr int kBlockN = 64 * kConsumers;  // keys per CTA
+  static constexpr int kBlockM = 64;             // query rows per step
+  static constexpr int kStages = 2;              // Q / dO ring
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kPanels = kHeadDim / 64;  // 64-column (128-byte) panels of a tile
+  static constexpr int kPanelQ = kBlockM * 128, kPanelKV = kBlockN * 128;  // bytes
+  static constexpr int kQBytes = kPanels * kPanelQ, kKVBytes = kPanels * kPanelKV;
+  static constexpr int kDsBytes = kBlockM * 128;  // one consumer's dS: 64 queries x 64 keys
+  static constexpr int kOffV = kKVBytes, kOffQ = 2 * kKVBytes, kOffDo = kOffQ + kStages * kQBytes;
+  static constexpr int kOffDs = kOffDo + kStages * kQBytes;
+  static constexpr int kRowsBytes = 2 * kBlockM * 4;  // a stage's lse and D rows (fp32)
+  static constexpr int kOffRows = kOffDs + kConsumers * kDsBytes;
+  static constexpr int kOffBars = kOffRows + kStages * kRowsBytes;
+  static constexpr int kStageTx = 2 * kQBytes + kRowsBytes;  // a stage's TMA bytes
+  static constexpr int kBars = 1 + 2 * kStages;  // K/V; full, empty per stage
+  static constexpr int kSmemBytes = kOffBars + 8 * kBars + 1024;  // + 1024: aligned at run time
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
+};
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    bwd_sm90_kernel(const AttentionGradParams p, const __grid_constant__ sm90::TensorMap tm_q,
+                    const __grid_constant__ sm90::TensorMap tm_k, const __grid_constant__ sm90::TensorMap tm_v,
+                    const __grid_constant__ sm90::TensorMap tm_do, const __grid_constant__ sm90::TensorMap tm_lse,
+                    const __grid_constant__ sm90::TensorMap tm_delta) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(FLASHATTN_CUDA_EMULATE)
+  using namespace sm90;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  constexpr int kStages = Traits::kStages, kPanels = Traits::kPanels;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024;
+  unsigned char* sK = smem;
+  unsigned char* sV = smem + Traits::kOffV;
+  unsigned char* sQ = smem + Traits::kOffQ;
+  unsigned char* sdO = smem + Traits::kOffDo;
+  unsigned char* sdS = smem + Traits::kOffDs;
+  float* s_rows = reinterpret_cast<float*>(smem + Traits::kOffRows);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Traits::kOffBars);
+  uint64_t* bar_kv = bars;
+  uint64_t* full = bars + 1;
+  uint64_t* empty = bars + 1 + kStages;
+
+  const int64_t bh_k = blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z;
+  if (bh_k >= p.batch * p.num_heads_k) return;
+  const int b = static_cast<int>(bh_k / p.num_heads_k), h_k = static_cast<int>(bh_k % p.num_heads_k);
+  const int group = static_cast<int>(p.num_heads / p.num_heads_k);
+  const int n0 = static_cast<int>(blockIdx.x) * kBlockN, n_last = n0 + kBlockN - 1;
+
+  // Query blocks whose rows meet keys [n0, n_last] under the band (monotone: a range), as in the
+  // FA2 backward.
+  const int m_blocks = static_cast<int>((p.seqlen_q + kBlockM - 1) / kBlockM);
+  auto first_block = [&](auto pred) {
+    int lo = 0, hi = m_blocks;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (pred(mid)) hi = mid;
+      else lo = mid + 1;
+    }
+    return lo;
+  };
+  auto block_last_row = [&](int64_t i) {
+    const int64_t last = (i + 1) * kBlockM - 1;
+    return last < p.seqlen_q ? last : p.seqlen_q - 1;
+  };
+  const int i_lo = first_block([&](int64_t i) { return band_key_end(p, block_last_row(i)) > n0; });
+  const int i_hi = first_block([&](int64_t i) { return band_key_begin(p, i * kBlockM) > n_last; });
+  const int count = i_hi > i_lo ? i_hi - i_lo : 0;
+  const int total = group * count;  // (query head, query block) steps, head-major
+
+  if (threadIdx.x == 0) {
+    mbar_init(bar_kv, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 4 * Traits::kConsumers);  // one arrive per consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    // ---- producer ----
+    setmaxnreg_dec<Traits::kProducerRegs>();
+    if (threadIdx.x == 0 && total > 0) {
+      mbar_arrive_expect_tx(bar_kv, 2 * Traits::kKVBytes);
+      for (int pn = 0; pn < kPanels; ++pn) {
+        tma_load_4d(sK + pn * Traits::kPanelKV, &tm_k, bar_kv, 64 * pn, n0, h_k, b);
+        tma_load_4d(sV + pn * Traits::kPanelKV, &tm_v, bar_kv, 64 * pn, n0, h_k, b);
+      }
+      for (int it = 0; it < total; ++it) {
+        const int s = it % kStages;
+        const uint32_t phase = (it / kStages) & 1;
+        const int h = h_k * group + it / count, m0 = (i_lo + it % count) * kBlockM;
+        mbar_wait(&empty[s], phase ^ 1);  // the first pass through the ring finds every stage free
+        mbar_arrive_expect_tx(&full[s], Traits::kStageTx);
+        for (int pn = 0; pn < kPanels; ++pn) {
+          tma_load_4d(sQ + s * Traits::kQBytes + pn * Traits::kPanelQ, &tm_q, &full[s], 64 * pn, m0, h, b);
+          tma_load_4d(sdO + s * Traits::kQBytes + pn * Traits::kPanelQ, &tm_do, &full[s], 64 * pn, m0, h, b);
+        }
+        // lse and D of the 64 rows from the flat (batch, heads, seqlen_q) arrays: rows past the
+        // sequence's end are the next head's (or zeros), their columns masked below.
+        const int row = (b * static_cast<int>(p.num_heads) + h) * static_cast<int>(p.seqlen_q) + m0;
+        float* rows = s_rows + s * 2 * kBlockM;
+        tma_load_1d(rows, &tm_lse, &full[s], row);
+        tma_load_1d(rows + kBlockM, &tm_delta, &full[s], row);
+      }
+    }
+  } else {
+  // ---- consumers ---- (one if / else: ptxas applies setmaxnreg's budgets per branch only then)
+  setmaxnreg_inc<Traits::kConsumerRegs>();
+  const int consumer = warpgroup - 1;
+  const int key0 = 64 * consumer;                       // this consumer's first key in the block
+  const int row0 = 16 * ((threadIdx.x / 32) % 4);        // this warp's first row of the m64 block
+  const AccCoord acc;
+  const uint32_t k_addr = smem_u32(sK) + key0 * 128, v_addr = smem_u32(sV) + key0 * 128;
+  unsigned char* my_ds = sdS + consumer * Traits::kDsBytes;
+  const uint32_t ds_addr = smem_u32(my_ds);
+  const bool lane0 = threadIdx.x % 32 == 0;
+  const int my_barrier = 1 + consumer;  // named barrier of this consumer's 128 threads
+  const float scale = static_cast<float>(p.softmax_scale), scale_log2 = scale * kLog2e;
+
+  float acc_dk[1][kHeadDim / 8][4], acc_dv[1][kHeadDim / 8][4];
+  zero(acc_dk);
+  zero(acc_dv);
+  auto fence_acc = [](auto& a) {
+#pragma unroll
+    for (int nt = 0; nt < int(sizeof(a[0]) / sizeof(a[0][0])); ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) fence_operand(a[0][nt][e]);
+  };
+
+  if (total > 0) mbar_wait(bar_kv, 0);
+  for (int it = 0; it < total; ++it) {
+    const int s = it % kStages;
+    const uint32_t phase = (it / kStages) & 1;
+    const int h = h_k * group + it / count, m0 = (i_lo + it % count) * kBlockM;
+    const int64_t m_last = block_last_row(m0 / kBlockM);
+    // Every thread is done with the last step's dQ wgmma, which read my_ds.
+    named_barrier_sync(my_barrier, 128);
+
+    const uint32_t q_addr = smem_u32(sQ) + s * Traits::kQBytes, do_addr = smem_u32(sdO) + s * Traits::kQBytes;
+    mbar_wait(&full[s], phase);
+    float acc_s[1][kBlockM / 8][4], acc_dp[1][kBlockM / 8][4];
+    // S^T = K_c Q^T and dP^T = V_c dO^T: K-major operands, 16 head-dim columns per wgmma.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const uint32_t panel = kk / 4, step = 32 * (kk % 4);
+      wgmma_ss<Element, kBlockM>(&acc_s[0][0][0], smem_desc_128b(k_addr + panel * Traits::kPanelKV + step, 16, 1024),
+                                 smem_desc_128b(q_addr + panel * Traits::kPanelQ + step, 16, 1024), kk > 0 ? 1 : 0,
+                                 std::integral_constant<int, 0>{});
+    }
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const uint32_t panel = kk / 4, step = 32 * (kk % 4);
+      wgmma_ss<Element, kBlockM>(&acc_dp[0][0][0], smem_desc_128b(v_addr + panel * Traits::kPanelKV + step, 16, 1024),
+                                 smem_desc_128b(do_addr + panel * Traits::kPanelQ + step, 16, 1024), kk > 0 ? 1 : 0,
+                                 std::integral_constant<int, 0>{});
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_acc(acc_s);
+    fence_acc(acc_dp);
+
+    // The band and the sequence ends, only where the tile needs them: each query column sees the
+    // keys [lo, hi) of this consumer's 64.
+    const int64_t c0 = n0 + key0;
+    if (!(c0 + 64 <= p.seqlen_k && m0 + kBlockM <= p.seqlen_q && band_key_begin(p, m_last) <= c0 &&
+          band_key_end(p, m0) >= c0 + 64)) {
+#pragma unroll
+      for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const KeyInterval keys = band_interval<64>(p, acc.col(int64_t{m0}, nt, e), c0);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int key = acc.row(row0, 0, 2 * half);
+            if (key < keys.lo || key >= keys.hi) acc_s[0][nt][2 * half + e] = -INFINITY;
+          }
+        }
+    }
+    // P = exp2(S * scale * log2e - lse * log2e): 0 for masked (-inf) scores; an empty row's lse
+    // (-inf) counts as +inf, so that it gives 0 too.
+    const float* s_lse = s_rows + s * 2 * kBlockM;
+    const float* s_delta = s_lse + kBlockM;
+#pragma unroll
+    for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = acc.col(0, nt, e);
+        const float lse = s_lse[col], lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
+        const float prob = fast_exp2(acc_s[0][nt][e] * scale_log2 - lse2);
+        acc_dp[0][nt][e] = prob * (acc_dp[0][nt][e] - s_delta[col]);
+        acc_s[0][nt][e] = prob;
+      }
+    uint32_t p_frag[1][kBlockM / 16][4], ds_frag[1][kBlockM / 16][4];
+    acc_to_a_fragments<Element>(p_frag, acc_s);
+    acc_to_a_fragments<Element>(ds_frag, acc_dp);
+
+    // dS (queries x this consumer's keys) into shared memory, K-major for dQ's A operand: row q
+    // at 128 q bytes, key k at 2 k, 16-byte chunks XOR-swizzled by q % 8 (128-byte swizzle).
+    // Query q = 8 nt + q8 (q8 < 8): its row is 1024 nt bytes after row q8, with the same swizzle,
+    // so four addresses per thread serve every nt (32 live addresses spilled at d = 128).
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int q8 = 2 * acc.t + e % 2, key = row0 + acc.g + 8 * (e / 2);
+      unsigned char* at = my_ds + q8 * 128 + ((key * 2) ^ (q8 << 4));
+#pragma unroll
+      for (int nt = 0; nt < kBlockM / 8; ++nt) {
+        const uint32_t reg = ds_frag[0][nt / 2][2 * (nt % 2) + e / 2];
+        *reinterpret_cast<uint16_t*>(at + 1024 * nt) = static_cast<uint16_t>(e % 2 ? reg >> 16 : reg & 0xffff);
+      }
+    }
+    fence_proxy_async();  // the generic-proxy stores, before the async proxy (wgmma) reads them
+
+    // dV_c += P^T dO, dK_c += dS^T Q: 16 query rows per wgmma; B MN-major (head dim contiguous),
+    // the next 8 rows 1024 bytes on (SBO), the next 64 head-dim columns one panel on (LBO).
+    fence_acc(acc_dk);
+    fence_acc(acc_dv);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBlockM / 16; ++ks)
+      wgmma_rs<Element, kHeadDim>(&acc_dv[0][0][0], p_frag[0][ks],
+                                  smem_desc_128b(do_addr + ks * 16 * 128, Traits::kPanelQ, 1024), 1,
+                                  std::integral_constant<int, 1>{});
+#pragma unroll
+    for (int ks = 0; ks < kBlockM / 16; ++ks)
+      wgmma_rs<Element, kHeadDim>(&acc_dk[0][0][0], ds_frag[0][ks],
+                                  smem_desc_128b(q_addr + ks * 16 * 128, Traits::kPanelQ, 1024), 1,
+                                  std::integral_constant<int, 1>{});
+    wgmma_commit();
+    named_barrier_sync(my_barrier, 128);  // all of this consumer's dS is in shared memory
+    // dV, dK landed before dQ starts: P^T and dS^T (their A registers) are free then, which keeps
+    // d = 128 within 240 registers (waiting after dQ's first panel spilled 12 bytes).
+    wgmma_wait<0>();
+    fence_acc(acc_dk);
+    fence_acc(acc_dv);
+    if (lane0) mbar_arrive(&empty[s]);  // this warp's last read of Q_i, dO_i is done
+
+    // dQ_i += dS_c K_c, one 64-column panel of the head dim at a time (32 accumulators), into
+    // the fp32 dq_accum (scale applied by dq_convert).
+    float* dq_accum = p.dq_accum + ((static_cast<int64_t>(b) * p.num_heads + h) * p.seqlen_q + m0) * kHeadDim;
+#pragma unroll
+    for (int pn = 0; pn < kPanels; ++pn) {
+      float acc_dq[1][8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+        wgmma_ss<Element, 64>(&acc_dq[0][0][0], smem_desc_128b(ds_addr + 32 * ks, 16, 1024),
+                              smem_desc_128b(k_addr + pn * Traits::kPanelKV + ks * 16 * 128, Traits::kPanelKV, 1024),
+                              ks > 0 ? 1 : 0, std::integral_constant<int, 1>{});
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_acc(acc_dq);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = acc.row(row0, 0, 2 * half), col = 64 * pn + acc.col(0, nt, 0);
+          if (m0 + row < p.seqlen_q)
+            red_add_f32x2(dq_accum + static_cast<int64_t>(row) * kHeadDim + col, acc_dq[0][nt][2 * half],
+                          acc_dq[0][nt][2 * half + 1]);
+        }
+    }
+  }
+
+  // dK = scale * sum dS^T Q, dV: straight from registers (rows past the sequence's end dropped).
+  Element* dk = static_cast<Element*>(p.dk) + b * p.dk_batch_stride + h_k * p.dk_head_stride;
+  Element* dv = static_cast<Element*>(p.dv) + b * p.dv_batch_stride + h_k * p.dv_head_stride;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t key = n0 + key0 + acc.row(row0, 0, 2 * half);
+    if (key >= p.seqlen_k) continue;
+#pragma unroll
+    for (int nt = 0; nt < kHeadDim / 8; ++nt) {
+      const int col = acc.col(0, nt, 0);
+      if (col < p.headdim)
+        *reinterpret_cast<uint32_t*>(dk + key * p.dk_row_stride + col) =
+            pack2<Element>(acc_dk[0][nt][2 * half] * scale, acc_dk[0][nt][2 * half + 1] * scale);
+      if (col < p.headdim_v)
+        *reinterpret_cast<uint32_t*>(dv + key * p.dv_row_stride + col) =
+            pack2<Element>(acc_dv[0][nt][2 * half], acc_dv[0][nt][2 * half + 1]);
+    }
+  }
+  }
+#endif
+}
+
+}  // namespace flashattn::cuda
