@@ -161,7 +161,7 @@ for r, n in zip(rows, names):
 summary = "\n".join(sorted(lines, key=lambda s: (s.split("  ")[-1], s[:6])))
 sm90 = open("csrc/cuda/fwd_sm90.cuh").read()
 regs = dict(re.findall(r"k(Producer|Consumer)Regs = (\d+)", sm90))
-sm90_note = (f"Hopper forward (fwd_sm90_kernel, 384 threads, __launch_bounds__(384, 1): ptxas reports the entry "
+sm90_note = (f"Hopper forward and backward (fwd_sm90_kernel, bwd_sm90_kernel, 384 threads, __launch_bounds__(384, 1): ptxas reports the entry "
              f"budget): after setmaxnreg the producer warpgroup holds {regs.get('Producer')} registers per thread, "
              f"each of the two consumer warpgroups {regs.get('Consumer')}")
 text = f"ptxas summary ({len(lines)} kernels, compile wall time {elapsed} s)\n{summary}\n\n{sm90_note}\n\nTile configurations (dynamic shared memory per CTA):\n{smem_table}\n"

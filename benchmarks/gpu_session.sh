@@ -9,15 +9,16 @@
 # spent starting): plan both runs before starting. Every kernel has already passed the emulated
 # suite on the CPU (tests/test_cuda.py, cuda_emulated): the GPU run confirms and measures.
 #
-#   hopper = the Hopper (sm_90a) forward only: build d=128 bf16 for 9.0a (~1 min), tests/test_cuda_sm90.py,
-#            bench_attention.py fwd and fwd+bwd at S 1k, 4k, 8k, 16k, causal and not, vs FLASH and CUDNN  ~4 min
+#   hopper = the Hopper (sm_90a) kernels only: build d=128 bf16 for 9.0a (~1 min), tests/test_cuda_sm90.py and
+#            test_cuda_sm90_bwd.py, bench_attention.py fwd and fwd+bwd (Hopper forward and backward) at
+#            S 1k, 4k, 8k, 16k, causal and not, vs FLASH and CUDNN                               ~4 min
 #   first = build_restricted test_restricted sanitize_small quick
 #     build_restricted  sm_90 only, head dims 64 and 128, bf16 + fp16, MAX_JOBS=16. Measured on the
 #                       2-core development machine (nvcc 13.0, no GPU): the 10 CUDA translation
 #                       units of this set take 81 s of nvcc time in all
 #                       (serial, sm_90 only), the longest 13 s (fwd d=128); the torch-side C++ ~130 s serial.
 #                       With 16 jobs expect ~1.5 min.                                   ~2 min
-#     test_restricted   the GPU cases of test_cuda{,_graphs,_sm90,_varlen,_kvcache}.py (-m cuda); other
+#     test_restricted   the GPU cases of test_cuda{,_graphs,_sm90,_sm90_bwd,_varlen,_kvcache}.py (-m cuda); other
 #                       head dims run in the next compiled bucket or on the SIMT path   ~2 min
 #     sanitize_small    compute-sanitizer memcheck on 3 small configurations            ~1 min
 #     quick             bench_attention.py --quick: D=128; S 1k, 4k, 16k; fwd and fwd+bwd;
@@ -145,16 +146,16 @@ for stage in "${STAGES[@]}"; do
   case $stage in
     first)
       { FLASHATTN_CUDA_HEADDIMS=64,128 FLASHATTN_CUDA_DTYPES=bf16,fp16 TORCH_CUDA_ARCH_LIST=9.0a stage_build &&
-          stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py tests/test_cuda_sm90.py tests/test_cuda_varlen.py tests/test_cuda_kvcache.py; stage_sanitize small;
+          stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py tests/test_cuda_sm90.py tests/test_cuda_sm90_bwd.py tests/test_cuda_varlen.py tests/test_cuda_kvcache.py; stage_sanitize small;
         stage_bench --quick; } || status=1 ;;
     second) { stage_build && stage_test; stage_sanitize; stage_script bench_masked; stage_script bench_sparse;
               stage_script bench_decode; stage_bench --headdims 128; } || status=1 ;;
     build_restricted) FLASHATTN_CUDA_HEADDIMS=64,128 FLASHATTN_CUDA_DTYPES=bf16,fp16 TORCH_CUDA_ARCH_LIST=9.0a \
                         stage_build || status=1 ;;
-    test_restricted) stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py tests/test_cuda_sm90.py tests/test_cuda_varlen.py tests/test_cuda_kvcache.py || status=1 ;;
-    hopper)  # the Hopper forward alone: d=128 bf16 build, its tests, fwd and fwd+bwd vs FLASH and CUDNN
+    test_restricted) stage_test -m cuda tests/test_cuda.py tests/test_cuda_graphs.py tests/test_cuda_sm90.py tests/test_cuda_sm90_bwd.py tests/test_cuda_varlen.py tests/test_cuda_kvcache.py || status=1 ;;
+    hopper)  # the Hopper kernels alone: d=128 bf16 build, their tests, fwd and fwd+bwd vs FLASH and CUDNN
       { FLASHATTN_CUDA_HEADDIMS=128 FLASHATTN_CUDA_DTYPES=bf16 TORCH_CUDA_ARCH_LIST=9.0a stage_build &&
-          stage_test -m cuda tests/test_cuda_sm90.py &&
+          stage_test -m cuda tests/test_cuda_sm90.py tests/test_cuda_sm90_bwd.py &&
           stage_bench --headdims 128 --seqlens 1024,4096,8192,16384 --modes fwd,fwd_bwd --backends ours,flash,cudnn; } ||
         status=1 ;;
     sanitize_small) stage_sanitize small || status=1 ;;

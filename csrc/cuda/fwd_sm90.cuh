@@ -26,7 +26,7 @@
 // FA3's two schedules are here: the consumers ping-pong their GEMMs (named barriers), and within a
 // consumer the next tile's Q K^T overlaps the softmax while P V runs. Not yet here (see
 // csrc/cuda/README.md): the extras (masks, dropout, ALiBi, softcap, block-sparse: those run on the
-// FA2 kernel), varlen with a KV cache (seqused_k, pages, split-KV), the backward.
+// FA2 kernel), varlen with a KV cache (seqused_k, pages, split-KV). The backward: bwd_sm90.cuh.
 #pragma once
 
 #include <cmath>
