@@ -19,8 +19,10 @@
 // The accumulators of wgmma have mma.sync's row layout, so the band / sequence-end masks are the
 // FA2 backward's (keys are the rows of S^T, queries the columns). Q, K, V, dO are read through the
 // forward's rank-4 tensor maps (64-column panels, 128-byte swizzle; zero-fill past the ends).
-// Not here (the FA2 backward runs): the extras, varlen, deterministic mode (the two consumers add
-// their dQ_i in no fixed order), head dim 256 (dK and dV alone would be 256 registers per thread).
+// Varlen: as the forward's (fwd_sm90.cuh), one CTA per (key block of the longest sequence, kv head,
+// sequence); those past their sequence's keys return.
+// Not here (the FA2 backward runs): the extras, deterministic mode (the two consumers add their
+// dQ_i in no fixed order), head dim 256 (dK and dV alone would be 256 registers per thread).
 #pragma once
 
 #include <cmath>
@@ -91,10 +93,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int b = static_cast<int>(bh_k / p.num_heads_k), h_k = static_cast<int>(bh_k % p.num_heads_k);
   const int group = static_cast<int>(p.num_heads / p.num_heads_k);
   const int n0 = static_cast<int>(blockIdx.x) * kBlockN, n_last = n0 + kBlockN - 1;
+  // Varlen (cu_seqlens_q set): sequence b's first packed rows, its band; the maps span the packed
+  // rows as one batch, boxes past a sequence's end hold the next one's rows (masked, not stored).
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int q_row0 = varlen ? p.cu_seqlens_q[b] : 0, k_row0 = varlen ? p.cu_seqlens_k[b] : 0;
+  const BandShape band = varlen ? band_shape(p, p.cu_seqlens_q[b + 1] - q_row0, p.cu_seqlens_k[b + 1] - k_row0)
+                                : band_shape(p, p.seqlen_q, p.seqlen_k);
+  if (n0 >= band.seqlen_k) return;  // varlen: past this sequence's keys (grid of the longest)
+  const int batch = varlen ? 0 : b;  // the maps' batch coordinate
 
   // Query blocks whose rows meet keys [n0, n_last] under the band (monotone: a range), as in the
   // FA2 backward.
-  const int m_blocks = static_cast<int>((p.seqlen_q + kBlockM - 1) / kBlockM);
+  const int m_blocks = (band.seqlen_q + kBlockM - 1) / kBlockM;
   auto first_block = [&](auto pred) {
     int lo = 0, hi = m_blocks;
     while (lo < hi) {
@@ -106,12 +116,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   };
   auto block_last_row = [&](int64_t i) {
     const int64_t last = (i + 1) * kBlockM - 1;
-    return last < p.seqlen_q ? last : p.seqlen_q - 1;
+    return last < band.seqlen_q ? last : band.seqlen_q - 1;
   };
-  const int i_lo = first_block([&](int64_t i) { return band_key_end(p, block_last_row(i)) > n0; });
-  const int i_hi = first_block([&](int64_t i) { return band_key_begin(p, i * kBlockM) > n_last; });
+  const int i_lo = first_block([&](int64_t i) { return band_key_end(band, block_last_row(i)) > n0; });
+  const int i_hi = first_block([&](int64_t i) { return band_key_begin(band, i * kBlockM) > n_last; });
   const int count = i_hi > i_lo ? i_hi - i_lo : 0;
   const int total = group * count;  // (query head, query block) steps, head-major
+
+  auto row_array_offset = [&](int h) {
+    return varlen ? h * p.total_q + q_row0 : (static_cast<int64_t>(b) * p.num_heads + h) * p.seqlen_q;
+  };
 
   if (threadIdx.x == 0) {
     mbar_init(bar_kv, 1);
@@ -130,8 +144,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (threadIdx.x == 0 && total > 0) {
       mbar_arrive_expect_tx(bar_kv, 2 * Traits::kKVBytes);
       for (int pn = 0; pn < kPanels; ++pn) {
-        tma_load_4d(sK + pn * Traits::kPanelKV, &tm_k, bar_kv, 64 * pn, n0, h_k, b);
-        tma_load_4d(sV + pn * Traits::kPanelKV, &tm_v, bar_kv, 64 * pn, n0, h_k, b);
+        tma_load_4d(sK + pn * Traits::kPanelKV, &tm_k, bar_kv, 64 * pn, k_row0 + n0, h_k, batch);
+        tma_load_4d(sV + pn * Traits::kPanelKV, &tm_v, bar_kv, 64 * pn, k_row0 + n0, h_k, batch);
       }
       for (int it = 0; it < total; ++it) {
         const int s = it % kStages;
@@ -140,12 +154,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         mbar_wait(&empty[s], phase ^ 1);  // the first pass through the ring finds every stage free
         mbar_arrive_expect_tx(&full[s], Traits::kStageTx);
         for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_4d(sQ + s * Traits::kQBytes + pn * Traits::kPanelQ, &tm_q, &full[s], 64 * pn, m0, h, b);
-          tma_load_4d(sdO + s * Traits::kQBytes + pn * Traits::kPanelQ, &tm_do, &full[s], 64 * pn, m0, h, b);
+          tma_load_4d(sQ + s * Traits::kQBytes + pn * Traits::kPanelQ, &tm_q, &full[s], 64 * pn, q_row0 + m0, h, batch);
+          tma_load_4d(sdO + s * Traits::kQBytes + pn * Traits::kPanelQ, &tm_do, &full[s], 64 * pn, q_row0 + m0, h,
+                      batch);
         }
-        // lse and D of the 64 rows from the flat (batch, heads, seqlen_q) arrays: rows past the
-        // sequence's end are the next head's (or zeros), their columns masked below.
-        const int row = (b * static_cast<int>(p.num_heads) + h) * static_cast<int>(p.seqlen_q) + m0;
+        // lse and D of the 64 rows from the flat per-row arrays ((batch, heads, seqlen_q), varlen
+        // (heads, total_q)): rows past the sequence's end are another's (or zeros), masked below.
+        const int row = static_cast<int>(row_array_offset(h) + m0);
         float* rows = s_rows + s * 2 * kBlockM;
         tma_load_1d(rows, &tm_lse, &full[s], row);
         tma_load_1d(rows + kBlockM, &tm_delta, &full[s], row);
@@ -211,13 +226,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // The band and the sequence ends, only where the tile needs them: each query column sees the
     // keys [lo, hi) of this consumer's 64.
     const int64_t c0 = n0 + key0;
-    if (!(c0 + 64 <= p.seqlen_k && m0 + kBlockM <= p.seqlen_q && band_key_begin(p, m_last) <= c0 &&
-          band_key_end(p, m0) >= c0 + 64)) {
+    if (!(c0 + 64 <= band.seqlen_k && m0 + kBlockM <= band.seqlen_q && band_key_begin(band, m_last) <= c0 &&
+          band_key_end(band, m0) >= c0 + 64)) {
 #pragma unroll
       for (int nt = 0; nt < kBlockM / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const KeyInterval keys = band_interval<64>(p, acc.col(int64_t{m0}, nt, e), c0);
+          const KeyInterval keys = band_interval<64>(band, acc.col(int64_t{m0}, nt, e), c0);
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             const int key = acc.row(row0, 0, 2 * half);
@@ -285,7 +300,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
     // dQ_i += dS_c K_c, one 64-column panel of the head dim at a time (32 accumulators), into
     // the fp32 dq_accum (scale applied by dq_convert).
-    float* dq_accum = p.dq_accum + ((static_cast<int64_t>(b) * p.num_heads + h) * p.seqlen_q + m0) * kHeadDim;
+    float* dq_accum = p.dq_accum + (row_array_offset(h) + m0) * kHeadDim;
 #pragma unroll
     for (int pn = 0; pn < kPanels; ++pn) {
       float acc_dq[1][8][4];
@@ -303,7 +318,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int row = acc.row(row0, 0, 2 * half), col = 64 * pn + acc.col(0, nt, 0);
-          if (m0 + row < p.seqlen_q)
+          if (m0 + row < band.seqlen_q)
             red_add_f32x2(dq_accum + static_cast<int64_t>(row) * kHeadDim + col, acc_dq[0][nt][2 * half],
                           acc_dq[0][nt][2 * half + 1]);
         }
@@ -311,12 +326,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
 
   // dK = scale * sum dS^T Q, dV: straight from registers (rows past the sequence's end dropped).
-  Element* dk = static_cast<Element*>(p.dk) + b * p.dk_batch_stride + h_k * p.dk_head_stride;
-  Element* dv = static_cast<Element*>(p.dv) + b * p.dv_batch_stride + h_k * p.dv_head_stride;
+  Element* dk = static_cast<Element*>(p.dk) + batch * p.dk_batch_stride + k_row0 * p.dk_row_stride +
+               h_k * p.dk_head_stride;
+  Element* dv = static_cast<Element*>(p.dv) + batch * p.dv_batch_stride + k_row0 * p.dv_row_stride +
+               h_k * p.dv_head_stride;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t key = n0 + key0 + acc.row(row0, 0, 2 * half);
-    if (key >= p.seqlen_k) continue;
+    if (key >= band.seqlen_k) continue;
 #pragma unroll
     for (int nt = 0; nt < kHeadDim / 8; ++nt) {
       const int col = acc.col(0, nt, 0);

@@ -1,5 +1,5 @@
 // Definition of launch_bwd_sm90 for one (dtype, head-dim bucket): the tensor maps of Q, K, V and
-// dO, the launch of bwd_sm90_kernel, then dq_convert. Included only by the
+// dO (dense, or over the packed rows of a varlen call), the launch of bwd_sm90_kernel, then dq_convert. Included only by the
 // instantiations/bwd_sm90_*.cu files.
 #pragma once
 
@@ -21,13 +21,17 @@ cudaError_t launch_bwd_sm90(const AttentionGradParams& p, cudaStream_t stream) {
     using sm90_detail::make_map;
     using sm90_detail::make_rows_map;
     const int64_t rows = row_array_rows(p);
-    if (make_map(&tm_q, p.q, p.headdim, p.seqlen_q, p.num_heads, p.batch, p.q_row_stride, p.q_head_stride,
+    // Varlen: the maps span the packed rows, one "batch" (the kernel adds a sequence's first row).
+    const bool varlen = p.cu_seqlens_q != nullptr;
+    const int64_t rows_q = varlen ? p.total_q : p.seqlen_q, rows_k = varlen ? p.total_k : p.seqlen_k;
+    const int64_t batch = varlen ? 1 : p.batch;
+    if (make_map(&tm_q, p.q, p.headdim, rows_q, p.num_heads, batch, p.q_row_stride, p.q_head_stride,
                  p.q_batch_stride, Traits::kBlockM) != cudaSuccess ||
-        make_map(&tm_do, p.dout, p.headdim_v, p.seqlen_q, p.num_heads, p.batch, p.do_row_stride, p.do_head_stride,
+        make_map(&tm_do, p.dout, p.headdim_v, rows_q, p.num_heads, batch, p.do_row_stride, p.do_head_stride,
                  p.do_batch_stride, Traits::kBlockM) != cudaSuccess ||
-        make_map(&tm_k, p.k, p.headdim, p.seqlen_k, p.num_heads_k, p.batch, p.k_row_stride, p.k_head_stride,
+        make_map(&tm_k, p.k, p.headdim, rows_k, p.num_heads_k, batch, p.k_row_stride, p.k_head_stride,
                  p.k_batch_stride, Traits::kBlockN) != cudaSuccess ||
-        make_map(&tm_v, p.v, p.headdim_v, p.seqlen_k, p.num_heads_k, p.batch, p.v_row_stride, p.v_head_stride,
+        make_map(&tm_v, p.v, p.headdim_v, rows_k, p.num_heads_k, batch, p.v_row_stride, p.v_head_stride,
                  p.v_batch_stride, Traits::kBlockN) != cudaSuccess ||
         make_rows_map(&tm_lse, p.lse, rows, Traits::kBlockM) != cudaSuccess ||
         make_rows_map(&tm_delta, p.delta, rows, Traits::kBlockM) != cudaSuccess)

@@ -189,6 +189,12 @@ MUTANTS = [
      "            if (key >= keys.hi) acc_s[0][nt][2 * half + e] = -INFINITY;",
      "Hopper backward: the band's left edge (window) not masked",
      "tests/test_cuda_sm90_bwd.py::test_sliding_window"),
+    ("M57", "cuda/bwd_sm90.cuh", "&tm_k, bar_kv, 64 * pn, k_row0 + n0, h_k, batch);", "&tm_k, bar_kv, 64 * pn, n0, h_k, batch);",
+     "Hopper backward varlen: every sequence's K rows from the first sequence's",
+     "tests/test_cuda_sm90_bwd.py::test_varlen and causal"),
+    ("M58", "cuda/bwd_sm90.cuh", "          if (m0 + row < band.seqlen_q)", "          if (m0 + row < p.seqlen_q)",
+     "Hopper backward varlen: dQ added into the rows past the sequence's end (the next sequence's)",
+     "tests/test_cuda_sm90_bwd.py::test_varlen and full"),
 ]
 
 # Report text -> the check that fired.
