@@ -21,8 +21,9 @@
 // forward's rank-4 tensor maps (64-column panels, 128-byte swizzle; zero-fill past the ends).
 // Varlen: as the forward's (fwd_sm90.cuh), one CTA per (key block of the longest sequence, kv head,
 // sequence); those past their sequence's keys return.
-// Not here (the FA2 backward runs): the extras, deterministic mode (the two consumers add their
-// dQ_i in no fixed order), head dim 256 (dK and dV alone would be 256 registers per thread).
+// Deterministic mode: dQ_i's additions in a fixed order (key blocks by a counter, consumer 0 then 1).
+// Not here (the FA2 backward runs): the extras, head dim 256 (dK and dV alone would be 256
+// registers per thread).
 #pragma once
 
 #include <cmath>
@@ -296,7 +297,28 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     wgmma_wait<0>();
     fence_acc(acc_dk);
     fence_acc(acc_dv);
-    if (lane0) mbar_arrive(&empty[s]);  // this warp's last read of Q_i, dO_i is done
+    // This warp's last read of Q_i, dO_i is done. (Deterministic mode: after its dQ turn, which
+    // keeps consumer 0 from getting two steps ahead of consumer 1 on the hand-over barriers.)
+    if (lane0 && !p.deterministic) mbar_arrive(&empty[s]);
+
+    // Deterministic mode: the key blocks add into dQ_i in key-block order, as in the FA2 backward
+    // (a counter per (sequence, head, query block), dq_semaphore), and within a CTA consumer 0
+    // before consumer 1 (named barrier 3 + step parity: consumer 0 arrives after its adds, consumer
+    // 1 waits for that); consumer 1 then advances the counter.
+    int* semaphore = nullptr;
+    const int handover = 3 + (it & 1);
+    if (p.deterministic) {
+      const int64_t m_blocks_all = (p.seqlen_q + kBlockM - 1) / kBlockM;  // varlen: the longest sequence's
+      semaphore = p.dq_semaphore + (static_cast<int64_t>(b) * p.num_heads + h) * m_blocks_all + m0 / kBlockM;
+      const int turn = static_cast<int>(blockIdx.x) - static_cast<int>(band_key_begin(band, m0) / kBlockN);
+      if (consumer == 0) {
+        if (threadIdx.x % 128 == 0)
+          while (ld_acquire(semaphore) != turn) __nanosleep(40);
+        named_barrier_sync(my_barrier, 128);
+      } else {
+        named_barrier_sync(handover, 256);
+      }
+    }
 
     // dQ_i += dS_c K_c, one 64-column panel of the head dim at a time (32 accumulators), into
     // the fp32 dq_accum (scale applied by dq_convert).
@@ -322,6 +344,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
             red_add_f32x2(dq_accum + static_cast<int64_t>(row) * kHeadDim + col, acc_dq[0][nt][2 * half],
                           acc_dq[0][nt][2 * half + 1]);
         }
+    }
+    if (p.deterministic) {
+      __threadfence();
+      if (consumer == 0) {
+        named_barrier_arrive(handover, 256);
+      } else {
+        named_barrier_sync(my_barrier, 128);  // every thread of consumer 1 has added and fenced
+        if (threadIdx.x % 128 == 0) atomicAdd(semaphore, 1);
+      }
+      if (lane0) mbar_arrive(&empty[s]);
     }
   }
 

@@ -238,11 +238,11 @@ cudaError_t run_fwd_sm90(const AttentionParams& p, cudaStream_t stream, int sm_m
   return err;
 }
 
-// The Hopper backward where it takes the call: plain attention (dense or packed sequences), not
-// deterministic, 16-byte aligned rows, a head dim whose FA2 bucket (the dq_accum row stride) has a
-// Hopper backward; cudaErrorNotSupported where it does not (before anything ran).
+// The Hopper backward where it takes the call: plain attention (dense or packed sequences, either
+// mode), 16-byte aligned rows, a head dim whose FA2 bucket (the dq_accum row stride) has a Hopper
+// backward; cudaErrorNotSupported where it does not (before anything ran).
 cudaError_t run_bwd_sm90(const AttentionGradParams& p, cudaStream_t stream, int sm_major) {
-  if (!sm90_kernels_enabled(sm_major) || has_extras(p) || p.deterministic ||
+  if (!sm90_kernels_enabled(sm_major) || has_extras(p) ||
       !bwd_vectorized(p) || tensor_core_unsupported_reason(p, sm_major) != nullptr)
     return cudaErrorNotSupported;
   const int bucket = select_bucket(p);

@@ -6,6 +6,7 @@
 #include "bwd_sm90.cuh"
 #include "dq_convert.cuh"
 #include "grid.h"
+#include "kernel_configs.h"
 #include "launch_templates.h"
 #include "tensor_map_sm90.h"
 
@@ -15,6 +16,7 @@ namespace flashattn::cuda {
 template <typename Element, int kHeadDim>
 cudaError_t launch_bwd_sm90(const AttentionGradParams& p, cudaStream_t stream) {
   using Traits = Sm90BwdTraits<Element, kHeadDim>;
+  static_assert(Traits::kBlockM == kBwdBlockM, "dq_semaphore is laid out in the FA2 backward's query blocks");
   const int64_t n_blocks = ceil_div(p.seqlen_k, Traits::kBlockN);
   if (n_blocks > 0 && p.batch * p.num_heads_k > 0) {
     sm90::TensorMap tm_q, tm_k, tm_v, tm_do, tm_lse, tm_delta;

@@ -23,7 +23,7 @@ template <typename Element, int kHeadDim>
 cudaError_t launch_fwd_sm90(const AttentionParams& p, cudaStream_t stream);
 
 // The Hopper backward (sm_90a, bwd_sm90.cuh) of a bucket in FLASHATTN_CUDA_SM90_BWD_HEADDIMS,
-// plain attention (dense or varlen), not deterministic; dq_accum as for launch_bwd (its dq_convert included).
+// plain attention (dense or varlen); dq_accum and dq_semaphore as for launch_bwd (its dq_convert included).
 // cudaErrorNotSupported, before anything ran, if the tensors cannot be mapped for TMA.
 template <typename Element, int kHeadDim>
 cudaError_t launch_bwd_sm90(const AttentionGradParams& p, cudaStream_t stream);

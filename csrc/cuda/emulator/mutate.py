@@ -195,6 +195,13 @@ MUTANTS = [
     ("M58", "cuda/bwd_sm90.cuh", "          if (m0 + row < band.seqlen_q)", "          if (m0 + row < p.seqlen_q)",
      "Hopper backward varlen: dQ added into the rows past the sequence's end (the next sequence's)",
      "tests/test_cuda_sm90_bwd.py::test_varlen and full"),
+    ("M59", "cuda/bwd_sm90.cuh", "static_cast<int>(band_key_begin(band, m0) / kBlockN);",
+     "static_cast<int>(band_key_begin(band, m0) / kBlockN) + 1;",
+     "Hopper backward deterministic: each key block waits for the turn after its own",
+     "tests/test_cuda_sm90_bwd.py::test_deterministic"),
+    ("M60", "cuda/bwd_sm90.cuh", "        if (threadIdx.x % 128 == 0) atomicAdd(semaphore, 1);\n", "",
+     "Hopper backward deterministic: the turn counter never advances",
+     "tests/test_cuda_sm90_bwd.py::test_deterministic"),
 ]
 
 # Report text -> the check that fired.
