@@ -269,4 +269,28 @@ FLASHATTN_HOST_DEVICE int64_t band_key_end(const P& p, int64_t i) {
   return e > p.seqlen_k ? p.seqlen_k : (e < 0 ? 0 : e);
 }
 
+// The query blocks (of block_m rows) whose rows meet keys [n0, n_last] under the band: [lo, hi),
+// the blocks i with band_key_end(last row of i) > n0 and band_key_begin(first row of i) <= n_last
+// (both monotone in i, so a range; the forward visits exactly these (i, key block) pairs). The
+// backward kernels' loop (tools/check_schedules.py mirrors it).
+struct BlockRange {
+  int64_t lo, hi;
+};
+template <class P>
+FLASHATTN_HOST_DEVICE BlockRange query_blocks_meeting(const P& p, int64_t block_m, int64_t n0, int64_t n_last) {
+  const int64_t m_blocks = (p.seqlen_q + block_m - 1) / block_m;
+  auto first = [&](bool begin_side) {  // the first block for which the side's condition holds
+    int64_t lo = 0, hi = m_blocks;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      const int64_t last = (mid + 1) * block_m - 1 < p.seqlen_q ? (mid + 1) * block_m - 1 : p.seqlen_q - 1;
+      if (begin_side ? band_key_begin(p, mid * block_m) > n_last : band_key_end(p, last) > n0) hi = mid;
+      else lo = mid + 1;
+    }
+    return lo;
+  };
+  const int64_t lo = first(false), hi = first(true);
+  return {lo, hi > lo ? hi : lo};
+}
+
 }  // namespace flashattn

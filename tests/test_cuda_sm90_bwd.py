@@ -28,19 +28,26 @@ def hopper(request):
         yield ct.DEV
 
 
-def check_grads(q, k, v, name, expect_hopper=True, **kw):
-    """flash_attn_func layout (B, L, H, D): out, dq, dk, dv against the fp64 reference; under the
-    emulator, whether the backward issued wgmma ops (the Hopper kernel) as expected."""
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    with poison_outputs():
-        out = flashattn_ext.flash_attn_func(*leaves, **kw)
-    dout = rand(*out.shape, dtype=q.dtype)
+def backward(out, name, expect_hopper):
+    """out.backward(fresh dout) with poisoned gradients; under the emulator, whether it issued
+    wgmma ops (the Hopper backward) as expected. Returns dout."""
+    dout = rand(*out.shape, dtype=out.dtype)
     before = emulator_stats() if ct.EMULATED else None
     with poison_outputs():
         out.backward(dout)
     if ct.EMULATED:
         ran_hopper = emulator_stats()["wgmma"] > before["wgmma"]
         assert ran_hopper == expect_hopper, f"{name}: Hopper backward ran: {ran_hopper}, expected {expect_hopper}"
+    return dout
+
+
+def check_grads(q, k, v, name, expect_hopper=True, **kw):
+    """flash_attn_func layout (B, L, H, D): out, dq, dk, dv against the fp64 reference; under the
+    emulator, whether the backward issued wgmma ops (the Hopper kernel) as expected."""
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    with poison_outputs():
+        out = flashattn_ext.flash_attn_func(*leaves, **kw)
+    dout = backward(out, name, expect_hopper)
     ref_kw = dict(causal=kw.get("causal", False), bottom_right=True, window=kw.get("window_size", (-1, -1)),
                   softcap=kw.get("softcap", 0.0))
     leaves64 = [t.detach().double().transpose(1, 2).requires_grad_(True) for t in (q, k, v)]
@@ -101,13 +108,7 @@ def check_varlen_grads(lens_q, lens_k, heads=2, heads_k=2, d=64, name="varlen", 
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     with poison_outputs():
         out = flashattn_ext.flash_attn_varlen_func(*leaves, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), **kw)
-    dout = rand(*out.shape, dtype=q.dtype)
-    before = emulator_stats() if ct.EMULATED else None
-    with poison_outputs():
-        out.backward(dout)
-    if ct.EMULATED:
-        ran_hopper = emulator_stats()["wgmma"] > before["wgmma"]
-        assert ran_hopper == expect_hopper, f"{name}: Hopper backward ran: {ran_hopper}, expected {expect_hopper}"
+    dout = backward(out, name, expect_hopper)
     ref_kw = dict(causal=kw.get("causal", False), window=kw.get("window_size", (-1, -1)))
     leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     leaves_low = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]

@@ -61,26 +61,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
   if (kVarlen && n0 >= p.seqlen_k) return;
   const int keys = static_cast<int>(p.seqlen_k - n0 < kBlockN ? p.seqlen_k - n0 : kBlockN);
 
-  // Query blocks i whose rows meet keys [n0, n_last] under the band:
-  // band_key_end(last row of i) > n0 and band_key_begin(first row of i) <= n_last. Both sides are
-  // monotone in i, so the blocks form a range; the forward visits exactly the same (i, j) pairs.
-  const int64_t m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  auto first_block = [&](auto pred) {
-    int64_t lo = 0, hi = m_blocks;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (pred(mid)) hi = mid;
-      else lo = mid + 1;
-    }
-    return lo;
-  };
-  auto block_last_row = [&](int64_t i) {
-    const int64_t last = (i + 1) * kBlockM - 1;
-    return last < p.seqlen_q ? last : p.seqlen_q - 1;
-  };
-  const int64_t i_lo = first_block([&](int64_t i) { return band_key_end(p, block_last_row(i)) > n0; });
-  const int64_t i_hi = first_block([&](int64_t i) { return band_key_begin(p, i * kBlockM) > n_last; });
-  const int64_t count = i_hi > i_lo ? i_hi - i_lo : 0;
+  // Query blocks whose rows meet keys [n0, n_last] under the band (a range).
+  const BlockRange blocks = query_blocks_meeting(p, kBlockM, n0, n_last);
+  const int64_t i_lo = blocks.lo, count = blocks.hi - blocks.lo;
   const int64_t total = group * count;  // (query head, query block) pairs, head-major
 
   auto load_stage = [&](int64_t it, int stage) {
@@ -142,7 +125,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
     __syncthreads();  // Q_i, dO_i, lse_i, D_i of this stage are in shared memory
 
     const int64_t h = h_k * group + it / count, m_block = i_lo + it % count, m0 = m_block * kBlockM;
-    const int64_t m_last = block_last_row(m_block);
+    const int64_t m_last = m0 + kBlockM <= p.seqlen_q ? m0 + kBlockM - 1 : p.seqlen_q - 1;
     const Element* sQ = sQ_base + stage * TileQ::kElements;
     const Element* sdO = sdO_base + stage * TileQ::kElements;
     const float* s_lse = s_lse_base + stage * kBlockM;
@@ -239,7 +222,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const Attentio
     if (p.deterministic) {
       // Wait for the key blocks before this one (in band order) to have added their dQ_i.
       // One counter per (sequence, head, query block); varlen: blocks of the longest sequence.
-      const int64_t m_blocks_all = kVarlen ? (params.seqlen_q + kBlockM - 1) / kBlockM : m_blocks;
+      const int64_t m_blocks_all = (params.seqlen_q + kBlockM - 1) / kBlockM;
       semaphore = p.dq_semaphore + (seq * p.num_heads + h) * m_blocks_all + m_block;
       const int turn = static_cast<int>(n_block - band_key_begin(p, m0) / kBlockN);
       if (threadIdx.x == 0)

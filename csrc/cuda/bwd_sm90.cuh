@@ -103,25 +103,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (n0 >= band.seqlen_k) return;  // varlen: past this sequence's keys (grid of the longest)
   const int batch = varlen ? 0 : b;  // the maps' batch coordinate
 
-  // Query blocks whose rows meet keys [n0, n_last] under the band (monotone: a range), as in the
-  // FA2 backward.
-  const int m_blocks = (band.seqlen_q + kBlockM - 1) / kBlockM;
-  auto first_block = [&](auto pred) {
-    int lo = 0, hi = m_blocks;
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (pred(mid)) hi = mid;
-      else lo = mid + 1;
-    }
-    return lo;
-  };
-  auto block_last_row = [&](int64_t i) {
-    const int64_t last = (i + 1) * kBlockM - 1;
-    return last < band.seqlen_q ? last : band.seqlen_q - 1;
-  };
-  const int i_lo = first_block([&](int64_t i) { return band_key_end(band, block_last_row(i)) > n0; });
-  const int i_hi = first_block([&](int64_t i) { return band_key_begin(band, i * kBlockM) > n_last; });
-  const int count = i_hi > i_lo ? i_hi - i_lo : 0;
+  // Query blocks whose rows meet keys [n0, n_last] under the sequence's band (a range).
+  const BlockRange blocks = query_blocks_meeting(band, kBlockM, n0, n_last);
+  const int i_lo = static_cast<int>(blocks.lo), count = static_cast<int>(blocks.hi - blocks.lo);
   const int total = group * count;  // (query head, query block) steps, head-major
 
   auto row_array_offset = [&](int h) {
@@ -196,7 +180,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int s = it % kStages;
     const uint32_t phase = (it / kStages) & 1;
     const int h = h_k * group + it / count, m0 = (i_lo + it % count) * kBlockM;
-    const int64_t m_last = block_last_row(m0 / kBlockM);
+    const int64_t m_last = m0 + kBlockM <= band.seqlen_q ? m0 + kBlockM - 1 : band.seqlen_q - 1;
     // Every thread is done with the last step's dQ wgmma, which read my_ds.
     named_barrier_sync(my_barrier, 128);
 
