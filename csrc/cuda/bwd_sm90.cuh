@@ -188,21 +188,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     mbar_wait(&full[s], phase);
     float acc_s[1][kBlockM / 8][4], acc_dp[1][kBlockM / 8][4];
     // S^T = K_c Q^T and dP^T = V_c dO^T: K-major operands, 16 head-dim columns per wgmma.
+    auto issue_kmajor = [&](float* acc, uint32_t a_addr, uint32_t b_addr) {
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t panel = kk / 4, step = 32 * (kk % 4);
+        wgmma_ss<Element, kBlockM>(acc, smem_desc_128b(a_addr + panel * Traits::kPanelKV + step, 16, 1024),
+                                   smem_desc_128b(b_addr + panel * Traits::kPanelQ + step, 16, 1024), kk > 0 ? 1 : 0,
+                                   std::integral_constant<int, 0>{});
+      }
+    };
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const uint32_t panel = kk / 4, step = 32 * (kk % 4);
-      wgmma_ss<Element, kBlockM>(&acc_s[0][0][0], smem_desc_128b(k_addr + panel * Traits::kPanelKV + step, 16, 1024),
-                                 smem_desc_128b(q_addr + panel * Traits::kPanelQ + step, 16, 1024), kk > 0 ? 1 : 0,
-                                 std::integral_constant<int, 0>{});
-    }
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const uint32_t panel = kk / 4, step = 32 * (kk % 4);
-      wgmma_ss<Element, kBlockM>(&acc_dp[0][0][0], smem_desc_128b(v_addr + panel * Traits::kPanelKV + step, 16, 1024),
-                                 smem_desc_128b(do_addr + panel * Traits::kPanelQ + step, 16, 1024), kk > 0 ? 1 : 0,
-                                 std::integral_constant<int, 0>{});
-    }
+    issue_kmajor(&acc_s[0][0][0], k_addr, q_addr);
+    issue_kmajor(&acc_dp[0][0][0], v_addr, do_addr);
     wgmma_commit();
     wgmma_wait<0>();
     fence_acc(acc_s);

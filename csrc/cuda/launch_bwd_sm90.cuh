@@ -20,21 +20,12 @@ cudaError_t launch_bwd_sm90(const AttentionGradParams& p, cudaStream_t stream) {
   const int64_t n_blocks = ceil_div(p.seqlen_k, Traits::kBlockN);
   if (n_blocks > 0 && p.batch * p.num_heads_k > 0) {
     sm90::TensorMap tm_q, tm_k, tm_v, tm_do, tm_lse, tm_delta;
-    using sm90_detail::make_map;
-    using sm90_detail::make_rows_map;
+    using namespace sm90_detail;
     const int64_t rows = row_array_rows(p);
-    // Varlen: the maps span the packed rows, one "batch" (the kernel adds a sequence's first row).
-    const bool varlen = p.cu_seqlens_q != nullptr;
-    const int64_t rows_q = varlen ? p.total_q : p.seqlen_q, rows_k = varlen ? p.total_k : p.seqlen_k;
-    const int64_t batch = varlen ? 1 : p.batch;
-    if (make_map(&tm_q, p.q, p.headdim, rows_q, p.num_heads, batch, p.q_row_stride, p.q_head_stride,
-                 p.q_batch_stride, Traits::kBlockM) != cudaSuccess ||
-        make_map(&tm_do, p.dout, p.headdim_v, rows_q, p.num_heads, batch, p.do_row_stride, p.do_head_stride,
+    const MapRows r = map_rows(p);
+    if (make_qkv_maps(p, Traits::kBlockM, Traits::kBlockN, &tm_q, &tm_k, &tm_v) != cudaSuccess ||
+        make_map(&tm_do, p.dout, p.headdim_v, r.q, p.num_heads, r.batch, p.do_row_stride, p.do_head_stride,
                  p.do_batch_stride, Traits::kBlockM) != cudaSuccess ||
-        make_map(&tm_k, p.k, p.headdim, rows_k, p.num_heads_k, batch, p.k_row_stride, p.k_head_stride,
-                 p.k_batch_stride, Traits::kBlockN) != cudaSuccess ||
-        make_map(&tm_v, p.v, p.headdim_v, rows_k, p.num_heads_k, batch, p.v_row_stride, p.v_head_stride,
-                 p.v_batch_stride, Traits::kBlockN) != cudaSuccess ||
         make_rows_map(&tm_lse, p.lse, rows, Traits::kBlockM) != cudaSuccess ||
         make_rows_map(&tm_delta, p.delta, rows, Traits::kBlockM) != cudaSuccess)
       return cudaErrorNotSupported;

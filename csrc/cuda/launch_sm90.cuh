@@ -18,17 +18,7 @@ cudaError_t launch_fwd_sm90(const AttentionParams& p, cudaStream_t stream) {
   const int64_t m_blocks = ceil_div(p.seqlen_q, Traits::kBlockM);
   if (m_blocks == 0 || p.batch * p.num_heads == 0) return cudaSuccess;
   sm90::TensorMap tm_q, tm_k, tm_v;
-  using sm90_detail::make_map;
-  // Varlen: the maps span the packed rows, one "batch" (the kernel adds a sequence's first row).
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int64_t rows_q = varlen ? p.total_q : p.seqlen_q, rows_k = varlen ? p.total_k : p.seqlen_k;
-  const int64_t batch = varlen ? 1 : p.batch;
-  if (make_map(&tm_q, p.q, p.headdim, rows_q, p.num_heads, batch, p.q_row_stride, p.q_head_stride,
-               p.q_batch_stride, Traits::kBlockM) != cudaSuccess ||
-      make_map(&tm_k, p.k, p.headdim, rows_k, p.num_heads_k, batch, p.k_row_stride, p.k_head_stride,
-               p.k_batch_stride, Traits::kBlockN) != cudaSuccess ||
-      make_map(&tm_v, p.v, p.headdim_v, rows_k, p.num_heads_k, batch, p.v_row_stride, p.v_head_stride,
-               p.v_batch_stride, Traits::kBlockN) != cudaSuccess)
+  if (sm90_detail::make_qkv_maps(p, Traits::kBlockM, Traits::kBlockN, &tm_q, &tm_k, &tm_v) != cudaSuccess)
     return cudaErrorNotSupported;
   auto kernel = fwd_sm90_kernel<Traits>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "../attention_params.h"
 #include "ptx_sm90.h"
 
 namespace flashattn::cuda {
@@ -39,6 +40,26 @@ inline cudaError_t make_rows_map(sm90::TensorMap* map, const float* base, int64_
   const uint32_t box[1] = {static_cast<uint32_t>(box_rows)};
   return sm90::encode_tensor_map(map, base, 1, 4, dims, nullptr, box, 0) == cudaSuccess ? cudaSuccess
                                                                                        : cudaErrorNotSupported;
+}
+// Q, K, V of a call as rank-4 maps with boxes of box_q / box_kv rows: per sequence (dense), or,
+// for varlen, over the packed rows as one batch (the kernels add a sequence's first row).
+struct MapRows {
+  int64_t q, k, batch;
+};
+inline MapRows map_rows(const AttentionParams& p) {
+  return p.cu_seqlens_q != nullptr ? MapRows{p.total_q, p.total_k, 1} : MapRows{p.seqlen_q, p.seqlen_k, p.batch};
+}
+inline cudaError_t make_qkv_maps(const AttentionParams& p, int box_q, int box_kv, sm90::TensorMap* tm_q,
+                                 sm90::TensorMap* tm_k, sm90::TensorMap* tm_v) {
+  const MapRows r = map_rows(p);
+  return make_map(tm_q, p.q, p.headdim, r.q, p.num_heads, r.batch, p.q_row_stride, p.q_head_stride,
+                  p.q_batch_stride, box_q) == cudaSuccess &&
+                 make_map(tm_k, p.k, p.headdim, r.k, p.num_heads_k, r.batch, p.k_row_stride, p.k_head_stride,
+                          p.k_batch_stride, box_kv) == cudaSuccess &&
+                 make_map(tm_v, p.v, p.headdim_v, r.k, p.num_heads_k, r.batch, p.v_row_stride, p.v_head_stride,
+                          p.v_batch_stride, box_kv) == cudaSuccess
+             ? cudaSuccess
+             : cudaErrorNotSupported;
 }
 }  // namespace sm90_detail
 
