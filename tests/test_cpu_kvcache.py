@@ -49,11 +49,14 @@ def test_kvcache_matches_reference(dtype, heads, Sq, Sn, options):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [128, 88])
-@pytest.mark.parametrize("group,Sq", [(1, 1), (2, 1), (3, 1), (5, 1), (6, 1), (7, 1), (4, 2), (16, 2), (32, 1)])
+@pytest.mark.parametrize("group,Sq", [(1, 1), (2, 1), (3, 1), (5, 1), (6, 1), (7, 1), (4, 2), (20, 1), (12, 2), (16, 2),
+                                      (32, 1)])
 def test_direct_decode_row_tiles(dtype, D, group, Sq):
-    """The direct decode kernel (group * Sq <= 32 rows per kv head): every row-tile size, head dims
-    with and without vector tails (88: partial fp32 vectors, and bf16 widened instead of the
-    AVX512-BF16 loops), odd key counts per block, split-KV."""
+    """The direct decode kernel (group * Sq <= 32 rows per kv head): every row-tile size of the
+    scores (4 or 2 rows, the last one or two rows alone) and of P V (up to 8), head dims with and
+    without vector tails (88: partial fp32 vectors, and bf16 widened instead of the AVX512-BF16
+    loops), bf16 scores from the packed keys (16 rows and more: 20, 24, 32), odd key counts per
+    block, split-KV."""
     Hk = 2
     q, k_cache, v_cache, _, _, cache_seqlens = make_case(dtype, B=3, S=333, Hq=group * Hk, Hk=Hk, D=D, Sq=Sq, Sn=0)
     cache_seqlens[1] = 1
@@ -65,6 +68,20 @@ def test_direct_decode_row_tiles(dtype, D, group, Sq):
         assert_close(out, ref, dtype, f"out, {splits} splits")
         assert torch.equal(finite, torch.isfinite(lse))
         assert (lse[finite].double() - ref_lse[finite]).abs().max() < 50 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_cache_rows_with_odd_stride(dtype):
+    """MQA decode on caches whose rows are views with an odd element stride (each row of a wider
+    tensor): bf16's packed-key scores read keys as element pairs and must not take them."""
+    B, S, D = 2, 200, 128
+    q = rand(B, 1, 32, D, dtype=dtype)
+    k_cache, v_cache = rand(B, S, 1, D + 1, dtype=dtype)[..., :D], rand(B, S, 1, D + 1, dtype=dtype)[..., :D]
+    assert k_cache.stride(1) % 2 == 1
+    lens = torch.tensor([S, 77], dtype=torch.int32)
+    _, _, ref, _ = reference_kvcache(q, k_cache, v_cache, None, None, lens)
+    out = flashattn_ext.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
+    assert_close(out, ref, dtype, "out")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -88,6 +88,10 @@ void decode_direct(const KvCacheParams& kp) {
   // bf16 with AVX512-BF16: the bf16 rows as they are. Otherwise fp32 (fp16 and bf16 widened).
   const bool dp = std::is_same_v<scalar_t, c10::BFloat16> && have_bf16_dp() && D % 32 == 0 && Dv % 32 == 0;
   const int64_t ldpb = block_n + block_n % 2;
+  // Many rows per kv head: scores from the block of keys transposed once (decode_microkernels.h).
+  // Words of a bf16 key are its element pairs, so its row stride must be even.
+  const bool packed = dp && R >= kPackedScoreRows && a.k_row_stride % 2 == 0;
+  const int64_t ldk = ceil_div(block_n, 16) * 16;
   const auto* k_base = static_cast<const scalar_t*>(a.k);
   const auto* v_base = static_cast<const scalar_t*>(a.v);
 
@@ -96,6 +100,7 @@ void decode_direct(const KvCacheParams& kp) {
         row_sum(all_rows), o_out(Dv);
     std::vector<uint16_t> q_b(dp ? all_rows * D : 0), pb(dp ? all_rows * ldpb : 0);
     std::vector<float> k_f(kF32 || dp ? 0 : block_n * D), v_f(kF32 || dp ? 0 : block_n * Dv);
+    std::vector<float> k_t(packed ? D / 2 * ldk : 0);
     std::vector<HeadContext> heads(a.num_heads);
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t split = task / a.batch, b = task % a.batch;
@@ -155,7 +160,10 @@ void decode_direct(const KvCacheParams& kp) {
           const NextRows next_k = next_rows(k_base, a.k_batch_stride, a.k_head_stride, a.k_row_stride, hk, D);
           const scalar_t* kh = k_block + hk * a.k_head_stride;
           float* s_h = s.data() + hk * R * block_n;
-          if (dp) {
+          if (packed) {
+            pack_key_words(kh, a.k_row_stride / 2, cols, D / 2, k_t.data(), ldk, next_k);
+            scores_bf16_dp_packed(q_b.data() + hk * R * D, R, k_t.data(), ldk, cols, D, s_h, block_n);
+          } else if (dp) {
             scores_bf16_dp(q_b.data() + hk * R * D, R, reinterpret_cast<const uint16_t*>(kh), a.k_row_stride, cols, D,
                            s_h, block_n, next_k);
           } else if constexpr (kF32) {

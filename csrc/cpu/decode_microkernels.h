@@ -48,10 +48,13 @@ struct NextRows {
     for (int64_t off = 0; off < bytes; off += 64) line(base + j * stride + off);
   }
   // A loop of nothing but __builtin_prefetch has no side effects to g++, which deletes it
-  // (-ffinite-loops): the x86 instruction is asked for as volatile asm instead.
+  // (-ffinite-loops): the x86 instruction is asked for as volatile asm instead. Its operand is
+  // the address in a register, not a memory operand: an asm that reads memory through a char
+  // lvalue may read anything addressable, and g++ then stored every accumulator of the loop
+  // around it to the stack on every key (pv_f32_tile<8>: 16 zmm stores per 16 FMAs).
   static void line(const char* p) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    asm volatile("prefetcht1 %0" : : "m"(*p));
+    asm volatile("prefetcht1 (%0)" : : "r"(p));
 #else
     __builtin_prefetch(p, 0, 2);
 #endif
@@ -92,96 +95,141 @@ inline void store_dots(const float* dots, int64_t keys, float* s) {
 
 // ---- fp32 ----------------------------------------------------------------------------------
 
+// Query rows per scores tile: four with AVX512's 32 vector registers (16 accumulators), two
+// elsewhere (16 registers). Four rows read each key row half as often as two: MQA's 32 rows per
+// kv head had made the scores loop bound by the L2 reads of its block of keys.
+#if defined(CPU_CAPABILITY_AVX512)
+inline constexpr int kScoreRows = 4;
+#else
+inline constexpr int kScoreRows = 2;
+#endif
+
 // The scores loop of both flavours: s[r * lds + j] = q_r · k_j for r < rows, j < n; q row r at
-// q + r * d (contiguous), key j at k + j * ks. Rows go in pairs and keys in fours; quad(q0, q1, kr,
-// dots0, dots1) writes the four dots of rows q0 and q1 with keys kr[0..3] (past n: a repeat of the
-// last key, not stored). Forced inline, so that it takes the instruction set of its caller.
+// q + r * d (contiguous), key j at k + j * ks. Rows go in tiles of M (kScoreRows, or 2 for the
+// last one or two rows) and keys in fours; quad(qr, kr, dots) writes dots[i][t] = qr[i] · kr[t]
+// for the M rows qr and the keys kr[0..3]. Rows past `rows` and keys past n repeat the last one
+// and are not stored. Forced inline, so that it takes the instruction set of its caller.
+template <int M, typename T, typename Quad>
+__attribute__((always_inline)) inline void score_tile(const T* q, int64_t m, const T* k, int64_t ks, int64_t n,
+                                                      int64_t d, float* s, int64_t lds, const NextRows& next,
+                                                      const Quad& quad) {
+  const T* qr[M];
+  for (int i = 0; i < M; ++i) qr[i] = q + std::min<int64_t>(i, m - 1) * d;
+  for (int64_t j = 0; j < n; j += 4) {
+    const T* kr[4];
+    for (int t = 0; t < 4; ++t) kr[t] = k + std::min(j + t, n - 1) * ks;
+    for (int t = 0; t < 4; ++t) next.fetch(j + t);
+    float dots[M][4];
+    quad(qr, kr, dots);
+    const int64_t keys = std::min<int64_t>(4, n - j);
+    for (int i = 0; i < M; ++i)
+      if (i < m) store_dots(dots[i], keys, s + i * lds + j);
+  }
+}
+
 template <typename T, typename Quad>
 __attribute__((always_inline)) inline void for_score_quads(const T* q, int64_t rows, const T* k, int64_t ks, int64_t n,
                                                            int64_t d, float* s, int64_t lds, const NextRows& next,
                                                            const Quad& quad) {
-  for (int64_t r = 0; r < rows; r += 2) {
-    const bool two = r + 1 < rows;
-    const T* q0 = q + r * d;
-    const T* q1 = two ? q0 + d : q0;
-    for (int64_t j = 0; j < n; j += 4) {
-      const T* kr[4];
-      for (int t = 0; t < 4; ++t) kr[t] = k + std::min(j + t, n - 1) * ks;
-      if (r == 0)
-        for (int t = 0; t < 4; ++t) next.fetch(j + t);
-      float dots0[4], dots1[4];
-      quad(q0, q1, kr, dots0, dots1);
-      const int64_t keys = std::min<int64_t>(4, n - j);
-      store_dots(dots0, keys, s + r * lds + j);
-      if (two) store_dots(dots1, keys, s + (r + 1) * lds + j);
-    }
+  for (int64_t r = 0; r < rows;) {
+    const int64_t m = std::min<int64_t>(kScoreRows, rows - r);
+    const NextRows& fetch = r == 0 ? next : NextRows{};
+    if (m > 2)
+      score_tile<kScoreRows>(q + r * d, m, k, ks, n, d, s + r * lds, lds, fetch, quad);
+    else
+      score_tile<2>(q + r * d, m, k, ks, n, d, s + r * lds, lds, fetch, quad);
+    r += m;
   }
 }
+
+// The fp32 dot quad: any d.
+struct F32DotQuad {
+  int64_t d;
+  template <int M>
+  __attribute__((always_inline)) void operator()(const float* const (&qr)[M], const float* const* kr,
+                                                 float (&dots)[M][4]) const {
+    using Vec = Vectorized<float>;
+    constexpr int64_t W = Vec::size();
+    const int64_t d_full = d - d % W, d_tail = d % W;
+    Vec a[M][4];
+    for (int i = 0; i < M; ++i)
+      for (int t = 0; t < 4; ++t) a[i][t] = Vec(0.f);
+    for (int64_t x = 0; x < d_full; x += W) {
+      Vec qv[M];
+      for (int i = 0; i < M; ++i) qv[i] = Vec::loadu(qr[i] + x);
+      for (int t = 0; t < 4; ++t) {
+        const Vec kv = Vec::loadu(kr[t] + x);
+        for (int i = 0; i < M; ++i) a[i][t] = at::vec::fmadd(qv[i], kv, a[i][t]);
+      }
+    }
+    if (d_tail) {  // loadu(ptr, count) fills the rest of the vector with zeros
+      Vec qv[M];
+      for (int i = 0; i < M; ++i) qv[i] = Vec::loadu(qr[i] + d_full, d_tail);
+      for (int t = 0; t < 4; ++t) {
+        const Vec kv = Vec::loadu(kr[t] + d_full, d_tail);
+        for (int i = 0; i < M; ++i) a[i][t] = at::vec::fmadd(qv[i], kv, a[i][t]);
+      }
+    }
+    for (int i = 0; i < M; ++i) reduce4(a[i], dots[i]);
+  }
+};
 
 // scores for fp32 rows, any d.
 inline void scores_f32(const float* q, int64_t rows, const float* k, int64_t ks, int64_t n, int64_t d, float* s,
                        int64_t lds, const NextRows& next = {}) {
-  using Vec = Vectorized<float>;
-  constexpr int64_t W = Vec::size();
-  const int64_t d_full = d - d % W, d_tail = d % W;
-  for_score_quads(q, rows, k, ks, n, d, s, lds, next,
-                  [&](const float* q0, const float* q1, const float* const* kr, float* dots0, float* dots1) {
-                    Vec a0[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)}, a1[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
-                    for (int64_t x = 0; x < d_full; x += W) {
-                      const Vec qa = Vec::loadu(q0 + x), qb = Vec::loadu(q1 + x);
-                      for (int t = 0; t < 4; ++t) {
-                        const Vec kv = Vec::loadu(kr[t] + x);
-                        a0[t] = at::vec::fmadd(qa, kv, a0[t]);
-                        a1[t] = at::vec::fmadd(qb, kv, a1[t]);
-                      }
-                    }
-                    if (d_tail) {  // loadu(ptr, count) fills the rest of the vector with zeros
-                      const Vec qa = Vec::loadu(q0 + d_full, d_tail), qb = Vec::loadu(q1 + d_full, d_tail);
-                      for (int t = 0; t < 4; ++t) {
-                        const Vec kv = Vec::loadu(kr[t] + d_full, d_tail);
-                        a0[t] = at::vec::fmadd(qa, kv, a0[t]);
-                        a1[t] = at::vec::fmadd(qb, kv, a1[t]);
-                      }
-                    }
-                    reduce4(a0, dots0);
-                    reduce4(a1, dots1);
-                  });
+  for_score_quads(q, rows, k, ks, n, d, s, lds, next, F32DotQuad{d});
 }
 
-// o[r * dv + c] += Σ_j p[r * ldp + j] · v[j * vs + c] for r < R, j < n, c < dv.
+// o[r * ldo + c] += Σ_j p[r * ldp + j] · v[j * vs + c] for r < R, j < n, c < w0 + w1: one chunk of
+// up to two vectors of columns (w0, w1 of them; kFull: both whole). The accumulators are this
+// function's own and every load and store of them is unconditional, so that they stay in
+// registers: with a run-time choice between whole and partial vectors inside one loop g++ kept
+// the array on the stack and stored all of it on every key (2x slower).
+template <int R, bool kFull>
+__attribute__((always_inline)) inline void pv_f32_chunk(const float* p, int64_t ldp, const float* v, int64_t vs,
+                                                         int64_t n, int64_t w0, int64_t w1, float* o, int64_t ldo,
+                                                         const NextRows& next) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  auto load = [&](const float* x, int64_t w) { return kFull ? Vec::loadu(x) : Vec::loadu(x, w); };
+  Vec acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = load(o + r * ldo, w0);
+    acc[r][1] = load(o + r * ldo + W, w1);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    next.fetch(j);
+    const Vec v0 = load(v + j * vs, w0), v1 = load(v + j * vs + W, w1);
+    for (int r = 0; r < R; ++r) {
+      const Vec pr(p[r * ldp + j]);
+      acc[r][0] = at::vec::fmadd(pr, v0, acc[r][0]);
+      acc[r][1] = at::vec::fmadd(pr, v1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if constexpr (kFull) {
+      acc[r][0].store(o + r * ldo);
+      acc[r][1].store(o + r * ldo + W);
+    } else {
+      acc[r][0].store(o + r * ldo, w0);
+      if (w1) acc[r][1].store(o + r * ldo + W, w1);
+    }
+  }
+}
+
+// o[r * dv + c] += Σ_j p[r * ldp + j] · v[j * vs + c] for r < R, j < n, c < dv; the next rows
+// fetched during the first chunk.
 template <int R>
 inline void pv_f32_tile(const float* p, int64_t ldp, const float* v, int64_t vs, int64_t n, int64_t dv, float* o,
                         const NextRows& next) {
-  using Vec = Vectorized<float>;
-  constexpr int64_t W = Vec::size();
+  constexpr int64_t W = Vectorized<float>::size();
   for (int64_t c = 0; c < dv; c += 2 * W) {
     const int64_t w0 = std::min(W, dv - c), w1 = std::clamp<int64_t>(dv - c - W, 0, W);
-    const bool full = w1 == W;
-    Vec acc[R][2];
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] = full ? Vec::loadu(o + r * dv + c) : Vec::loadu(o + r * dv + c, w0);
-      acc[r][1] = full ? Vec::loadu(o + r * dv + c + W) : Vec::loadu(o + r * dv + c + W, w1);
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      if (c == 0) next.fetch(j);
-      const float* vj = v + j * vs + c;
-      const Vec v0 = full ? Vec::loadu(vj) : Vec::loadu(vj, w0);
-      const Vec v1 = full ? Vec::loadu(vj + W) : Vec::loadu(vj + W, w1);
-      for (int r = 0; r < R; ++r) {
-        const Vec pr(p[r * ldp + j]);
-        acc[r][0] = at::vec::fmadd(pr, v0, acc[r][0]);
-        acc[r][1] = at::vec::fmadd(pr, v1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      if (full) {
-        acc[r][0].store(o + r * dv + c);
-        acc[r][1].store(o + r * dv + c + W);
-      } else {
-        acc[r][0].store(o + r * dv + c, w0);
-        if (w1) acc[r][1].store(o + r * dv + c + W, w1);
-      }
-    }
+    const NextRows& fetch = c == 0 ? next : NextRows{};
+    if (w1 == W)
+      pv_f32_chunk<R, true>(p, ldp, v + c, vs, n, W, W, o + c, dv, fetch);
+    else
+      pv_f32_chunk<R, false>(p, ldp, v + c, vs, n, w0, w1, o + c, dv, fetch);
   }
 }
 
@@ -220,6 +268,33 @@ inline bool have_bf16_dp() {
 #endif
 }
 
+// ---- bf16 dp scores from a packed block of keys ---------------------------------------------
+//
+// With many query rows per kv head (MQA; GQA groups of 16 rows and more) the bf16 dot loop spends
+// more of its time in the reductions that end every dot (reduce4: d = 128 is four vdpbf16ps per
+// dot) than in the dots, and that cost is per dot, however many rows share the keys. Instead the
+// block of keys is transposed once as 32-bit words, word x of key j being its element pair
+// (2x, 2x + 1): the layout vdpbf16ps pairs with a broadcast pair of q. Scores are then a register
+// tile product (8 rows × 32 keys, no reductions) and the transpose costs one pass over the block
+// for all the rows. MQA B=1 S=32k D=128: 2.16 -> 1.85 ms. fp32 loses by it (its dots are twice as
+// long, so the reductions weigh half as much, and the transpose is twice the words): 3.69 ->
+// 3.93 ms, so fp32 keeps the dot loop.
+//
+// Used for rows >= kPackedScoreRows (bf16 dp is AVX512 only: 32 vector registers for the tile).
+inline constexpr int64_t kPackedScoreRows = 16;
+
+// kt[x * ldk + j] = word x of key j (key j at k + j * ks words), j < n, x < words; the next
+// block's rows are fetched as it goes, 16 keys at a time.
+inline void pack_key_words(const void* k, int64_t ks, int64_t n, int64_t words, float* kt, int64_t ldk,
+                           const NextRows& next) {
+  const auto* src = static_cast<const float*>(k);
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t m = std::min<int64_t>(16, n - j);
+    for (int64_t t = 0; t < m; ++t) next.fetch(j + t);
+    at::vec::transpose_mxn<float>(src + j * ks, ks, kt + j, ldk, static_cast<int>(m), static_cast<int>(words));
+  }
+}
+
 // The bf16 dp path's o row stores, for every 32-column chunk, the 16 even-pair lanes of
 // vpunpcklwd then the 16 of vpunpckhwd: stored position i of a chunk holds column
 // bf16_dp_column(i) of that chunk.
@@ -238,6 +313,9 @@ inline int64_t bf16_dp_column(int64_t i) {
 // As scores_f32 on bf16 rows (raw bits), d a multiple of 32.
 FLASHATTN_BF16_DP void scores_bf16_dp(const uint16_t* q, int64_t rows, const uint16_t* k, int64_t ks, int64_t n,
                                       int64_t d, float* s, int64_t lds, const NextRows& next);
+// s[r * lds + j] = q_r · k_j for bf16 rows, from kp = pack_key_words(k) (words = d / 2), d even.
+FLASHATTN_BF16_DP void scores_bf16_dp_packed(const uint16_t* q, int64_t rows, const float* kp, int64_t ldk, int64_t n,
+                                             int64_t d, float* s, int64_t lds);
 // p (rows × n fp32 probabilities) as bf16 pairs: pb[r * ldpb + j], zero-padded to an even count.
 FLASHATTN_BF16_DP void probabilities_to_bf16(const float* p, int64_t ldp, int64_t rows, int64_t n, uint16_t* pb,
                                              int64_t ldpb);
